@@ -1,0 +1,1 @@
+"""dparticles: lazy, chunked cryo-EM particle stacks on Dask."""
