@@ -1,0 +1,285 @@
+"""Pure numpy kernels for particle images: real-space crop/pad and Fourier downsampling.
+
+Every function takes and returns float32 stacks shaped ``(n, box, box)`` (a leading particle
+axis) and touches no files, dask or xarray. The FFTs are ``ducc0.fft`` (single precision,
+multi-threaded): on batches of 256 x 256 float32 images it is the fastest of numpy.fft,
+scipy.fft and ducc0.fft (see ``benchmarks/fft_choice.py``).
+
+Conventions, all as RELION 3.1 does them (checked against its programs in
+``tests/test_relion_reference.py``):
+
+* Arrays are ``data[y, x]`` as ``mrcfile`` reads them; the centre pixel is ``box // 2``.
+* Fourier indices are integers ``kx = 0 .. b//2`` (rfft2 columns) and
+  ``ky = -((b-1)//2) .. b//2`` (rows; for even ``b`` the Nyquist row is taken as ``+b/2``),
+  which is the order of RELION's ``FOR_ALL_ELEMENTS_IN_FFTW_TRANSFORM``. A frequency in cycles
+  per input pixel is ``k / b``.
+* The forward transform is unnormalised and the inverse is divided by the *input* pixel count
+  ``b*b``, whatever the output box, so the mean (the DC term) is preserved: RELION's forward
+  FFT divides by ``N`` and its inverse does not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import ducc0.fft
+import numpy as np
+
+__all__ = ["crop_pad", "downsample", "fourier_box_for_pixel_size"]
+
+
+def _as_stack(images: np.ndarray, name: str = "images") -> np.ndarray:
+    """Return ``images`` as a C-contiguous float32 ``(n, b, b)`` array or raise ValueError."""
+    arr = np.asarray(images)
+    if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
+        raise ValueError(f"{name} must be a stack of square images shaped (n, box, box); got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must hold real numbers; got dtype {arr.dtype}")
+    if arr.shape[1] < 1:
+        raise ValueError(f"{name} have an empty box; got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _check_box(box: object, name: str = "box") -> int:
+    if isinstance(box, bool) or not isinstance(box, int | np.integer) or box < 1:
+        raise ValueError(f"{name} must be a positive integer number of pixels; got {box!r}")
+    return int(box)
+
+
+def crop_pad(images: np.ndarray, box: int) -> np.ndarray:
+    """Real-space crop or pad ``(n, b, b) -> (n, box, box)``, centred as RELION centres.
+
+    The centre pixel ``b // 2`` of the input lands on ``box // 2`` of the output (RELION's
+    ``setXmippOrigin`` + ``window``), for odd and even boxes alike. Pixels outside the input
+    are filled with that image's own mean (RELION's ``--new_box`` fills them with 0 instead;
+    inside the input's footprint the two agree exactly).
+
+    Parameters
+    ----------
+    images : array (n, b, b)
+        Real images; converted to float32.
+    box : int
+        Output box in pixels (>= 1).
+
+    Returns
+    -------
+    numpy.ndarray, float32, shape (n, box, box)
+        A new array (never a view of ``images``).
+
+    Raises
+    ------
+    ValueError
+        If ``images`` is not a stack of square images or ``box`` is not a positive integer.
+    """
+    stack = _as_stack(images)
+    box = _check_box(box)
+    n, b, _ = stack.shape
+    off = b // 2 - box // 2  # input index of output pixel 0
+    if box <= b:
+        return stack[:, off:off + box, off:off + box].copy()
+    out = np.empty((n, box, box), dtype=np.float32)
+    out[...] = stack.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)[:, None, None]
+    out[:, -off:-off + b, -off:-off + b] = stack
+    return out
+
+
+def fourier_box_for_pixel_size(box: int, pixel_size: float, target: float) -> int:
+    """The even box that Fourier-crops ``box`` pixels of ``pixel_size`` Å nearest to ``target`` Å.
+
+    The ideal box is ``x = box * pixel_size / target``; the result is the even integer nearest to
+    ``x``, at least 2. A tie (``x`` an odd integer) goes to the larger box, so the achieved pixel
+    size ``box * pixel_size / result`` is then finer than the target and nothing beyond the
+    requested resolution is lost. If ``x >= box`` no downsampling is needed and ``box`` itself
+    is returned, even if odd (upsampling is never chosen here).
+
+    RELION's ``--rescale_angpix`` rounds ``x`` to the nearest integer and then drops an odd
+    result by one (``ROUND(x)``, ``-= %2``), which is not always the nearest even box:
+    for ``x = 119.47`` it gives 118 where this gives 120; for ``x = 63`` (a tie) it gives 62.
+
+    Examples (box, pixel_size, target -> result): (128, 2.8, 5.6) -> 64; (128, 2.8, 3.0) -> 120;
+    (256, 1.0, 256/63) -> 64; (320, 1.31, 6.55) -> 64; (128, 1.0, 0.5) -> 128; (128, 1.0, 1000) -> 2.
+
+    Raises
+    ------
+    ValueError
+        If ``box`` is not an integer >= 2, or a pixel size is not a finite positive number.
+    """
+    if isinstance(box, bool) or not isinstance(box, int | np.integer) or box < 2:
+        raise ValueError(f"box must be an integer of at least 2 pixels; got {box!r}")
+    for name, value in (("pixel_size", pixel_size), ("target", target)):
+        if not (isinstance(value, int | float | np.floating | np.integer) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite pixel size in Å greater than 0; got {value!r}")
+    ideal = int(box) * float(pixel_size) / float(target)
+    if ideal >= box:
+        return int(box)
+    # nearest even; 1e-9 absorbs float noise so that an exact odd x counts as a tie, rounded up
+    even = 2 * math.floor(ideal / 2.0 + 0.5 + 1e-9)
+    return int(min(max(even, 2), box))
+
+
+def _rows(out: int) -> np.ndarray:
+    """Integer row frequencies ky of an ``out``-box rfft2, in storage order (Nyquist as +out/2)."""
+    return np.concatenate([np.arange(0, out // 2 + 1), np.arange(-((out - 1) // 2), 0)])
+
+
+def _lowpass_factor(r: np.ndarray, b: int, pixel_size: float, lowpass: float, edge_width: float) -> np.ndarray:
+    """RELION's ``lowPassFilterMap`` on radii ``r`` (cycles per input pixel); see ``downsample``."""
+    shell = math.floor(b * pixel_size / lowpass + 0.5)
+    half = edge_width / 2.0
+    low = max(0.0, (shell - half) / b)
+    high = (shell + half) / b
+    f = np.ones_like(r)
+    if high > low:
+        edge = (r > low) & (r <= high)
+        f[edge] = 0.5 + 0.5 * np.cos(np.pi * (r[edge] - low) / (high - low))
+    f[r > high] = 0.0
+    return f
+
+
+def downsample(images: np.ndarray, out_boxes: Sequence[int | None], *, pixel_size: float,
+               lowpass: float | None = None, shifts: np.ndarray | None = None,
+               edge_width: float = 2.0, threads: int = 1) -> list[np.ndarray]:
+    """Fourier-crop (or -pad) a stack to one or more boxes, with optional recentring and lowpass.
+
+    One forward real FFT per image; then, for each requested output box, the spectrum is
+    windowed by RELION's convention, multiplied by the recentring phase ramp and the lowpass,
+    and inverse-transformed once. Equals RELION 3.1's ``relion_image_handler --angpix P
+    --rescale_angpix Q [--lowpass A --filter_edge_width W]`` and ``relion_preprocess --scale``
+    to float32 rounding.
+
+    Window (RELION's ``windowFourierTransform``). For an output box ``o`` the output spectrum
+    holds input columns ``kx = 0 .. o//2`` and rows ``ky = 0 .. o//2`` and
+    ``ky = -((o-1)//2) .. -1`` (for even ``o``: ``0 .. o/2`` and ``-(o/2-1) .. -1``; the output
+    Nyquist row is the input's *positive* row ``+o/2``, not a Hermitian average). For ``o > b``
+    (Fourier padding) the input coefficients are placed at the same ``(kx, ky)`` and, as RELION
+    does, only those with ``kx**2 + ky**2 <= (b//2)**2`` are kept (no corners). The inverse FFT
+    (size ``o``) is divided by ``b*b``, so a constant image stays the same constant.
+
+    Recentring. ``shifts[i] = (ox, oy)`` is particle i's origin in input pixels with RELION's
+    sign; the image is shifted by ``+origin``: every coefficient is multiplied by
+    ``exp(-2*pi*i*(kx*ox + ky*oy) / b)``, with the integer ``kx, ky`` above (RELION's
+    ``shiftImageInFourierTransform``). An integer shift equals ``np.roll(image, (oy, ox),
+    axis=(-2, -1))``; a sub-pixel shift is exact (no interpolation) for band-limited images.
+
+    Lowpass (RELION's ``lowPassFilterMap``, shells of the *input* box ``b``)::
+
+        shell = floor(b * pixel_size / lowpass + 0.5)          # the corner, an integer shell
+        low   = max(0, shell - edge_width / 2) / b             # cycles per input pixel
+        high  = (shell + edge_width / 2) / b
+        r     = sqrt(kx**2 + ky**2) / b
+        H(r)  = 1                                   if r <= low
+                0.5 + 0.5 * cos(pi * (r - low) / (high - low))  if low < r <= high
+                0                                   if r > high
+
+    so the gain is 0.5 at ``shell / b`` (resolution ``b * pixel_size / shell`` Å, the lowpass
+    rounded to the nearest shell) and 0 from ``shell + edge_width/2`` outwards. RELION reads
+    ``--filter_edge_width`` as an integer and halves it with integer division (5 acts as 4, 1 as
+    0 and then divides 0 by 0 at the corner); here ``edge_width`` is used as given and 0 means a
+    hard cut keeping ``r <= shell / b``. For even integer widths the two are identical.
+
+    Parameters
+    ----------
+    images : array (n, b, b)
+        Real images; converted to float32.
+    out_boxes : sequence of int or None
+        Output boxes in pixels; ``None`` keeps ``b`` (useful for recentring or filtering only).
+        Odd boxes are accepted.
+    pixel_size : float
+        Input pixel size in Å (used only by ``lowpass``).
+    lowpass : float, optional
+        Corner resolution in Å; None for no filter.
+    shifts : array (n, 2), optional
+        Origins ``(ox, oy)`` in input pixels, RELION's sign (see above).
+    edge_width : float
+        Width of the raised-cosine edge in Fourier shells of the input box (default 2, RELION's).
+    threads : int
+        Threads for the FFTs.
+
+    Returns
+    -------
+    list of numpy.ndarray, float32, shapes (n, o, o)
+        One stack per entry of ``out_boxes``, in order.
+
+    Raises
+    ------
+    ValueError
+        On a malformed stack, box, shift array, or a non-positive pixel size, lowpass,
+        edge width or thread count.
+    """
+    stack = _as_stack(images)
+    n, b, _ = stack.shape
+    boxes = [b if o is None else _check_box(o, "out_boxes entry") for o in out_boxes]
+    if not (math.isfinite(pixel_size) and pixel_size > 0):
+        raise ValueError(f"pixel_size must be a finite pixel size in Å greater than 0; got {pixel_size!r}")
+    if lowpass is not None and not (math.isfinite(lowpass) and lowpass > 0):
+        raise ValueError(f"lowpass must be a resolution in Å greater than 0, or None; got {lowpass!r}")
+    if not (math.isfinite(edge_width) and edge_width >= 0):
+        raise ValueError(f"edge_width must be a number of Fourier shells >= 0; got {edge_width!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int | np.integer) or threads < 1:
+        raise ValueError(f"threads must be a positive integer; got {threads!r}")
+    if shifts is not None:
+        shifts = np.asarray(shifts, dtype=np.float64)
+        if shifts.shape != (n, 2):
+            raise ValueError(f"shifts must be shaped (n, 2) = ({n}, 2), one (ox, oy) per image; got {shifts.shape}")
+        if not np.isfinite(shifts).all():
+            raise ValueError("shifts must be finite; found NaN or infinity")
+        if not shifts.any():
+            shifts = None
+    if not boxes:
+        return []
+    if n == 0:
+        return [np.zeros((0, o, o), dtype=np.float32) for o in boxes]
+
+    spec = ducc0.fft.r2c(stack, axes=(1, 2), forward=True, inorm=0, nthreads=int(threads))
+    results = []
+    for o in boxes:
+        results.append(_one_box(spec, b, o, pixel_size, lowpass, shifts, edge_width, int(threads)))
+    return results
+
+
+def _one_box(spec: np.ndarray, b: int, o: int, pixel_size: float, lowpass: float | None,
+             shifts: np.ndarray | None, edge_width: float, threads: int) -> np.ndarray:
+    """Window ``spec`` (the rfft2 of a b-box stack) to box ``o``, apply ramp and filter, invert."""
+    n = spec.shape[0]
+    m = min(o, b)  # the window common to input and output
+    ky = _rows(m)  # integer row frequencies kept, in m-box storage order
+    kx = np.arange(m // 2 + 1)
+    cols = m // 2 + 1
+
+    # one real factor per kept coefficient: normalisation, lowpass and (for padding) RELION's disc
+    factor = np.full((m, cols), 1.0 / (b * b))
+    r2 = kx[None, :] ** 2 + ky[:, None] ** 2
+    if o > b:
+        factor[r2 > (b // 2) ** 2] = 0.0
+    if lowpass is not None:
+        factor *= _lowpass_factor(np.sqrt(r2) / b, b, pixel_size, lowpass, edge_width)
+
+    # the kept coefficients, rows in m-box order: input rows 0..m//2, then the negative rows
+    top = m // 2 + 1
+    bottom = m - top
+    factor32 = factor.astype(np.float32)
+    block = np.empty((n, m, cols), dtype=np.complex64)
+    np.multiply(spec[:, :top, :cols], factor32[:top], out=block[:, :top])  # copy and scale in one pass
+    if bottom:
+        np.multiply(spec[:, b - bottom:, :cols], factor32[top:], out=block[:, top:])
+    if shifts is not None:
+        _apply_ramp(block, shifts, ky, kx, b)
+    if o > b:
+        win = np.zeros((n, o, o // 2 + 1), dtype=np.complex64)
+        win[:, ky % o, :cols] = block
+    else:
+        win = block
+    return ducc0.fft.c2r(win, axes=(1, 2), lastsize=o, forward=False, inorm=0, nthreads=threads,
+                         allow_overwriting_input=True)
+
+
+def _apply_ramp(block: np.ndarray, shifts: np.ndarray, ky: np.ndarray, kx: np.ndarray, b: int) -> None:
+    """Multiply ``block`` (n, len(ky), len(kx)) in place by ``exp(-2*pi*i*(kx*ox + ky*oy)/b)`` per image."""
+    # separable in x and y; angles in float64, reduced to within half a turn before exp
+    tx = np.outer(shifts[:, 0], kx) / b
+    ty = np.outer(shifts[:, 1], ky) / b
+    ex = np.exp(-2j * np.pi * (tx - np.round(tx))).astype(np.complex64)
+    ey = np.exp(-2j * np.pi * (ty - np.round(ty))).astype(np.complex64)
+    block *= ey[:, :, None]
+    block *= ex[:, None, :]
