@@ -1,0 +1,102 @@
+"""The ``dparticles`` command: parses arguments and calls the Python API, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from dparticles.errors import ParticleError
+
+
+def _open_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reading the input")
+    g.add_argument("--data-dir", help="folder holding the stacks, tried before the metadata's folder and its ancestors")
+    g.add_argument("--pixel-size", type=float, help="override the pixel size (Å)")
+    g.add_argument("--voltage", type=float, help="override the accelerating voltage (kV)")
+    g.add_argument("--cs", type=float, help="override the spherical aberration (mm)")
+    g.add_argument("--amp-contrast", type=float, help="override the amplitude contrast")
+    g.add_argument("--dose", type=float, help="total exposure dose (e/Å²)")
+    g.add_argument("--sign", type=int, choices=(1, -1), help="data sign: 1 dark on light, -1 light on dark")
+    g.add_argument("--ignore-pose", action="store_true", help="drop 2D/3D poses and shifts")
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where it runs (default: a local cluster on this machine)")
+    g.add_argument("--scheduler", help="address of a running dask scheduler, e.g. tcp://10.0.0.5:8786")
+    g.add_argument("--scheduler-file", help="scheduler file written by dask-scheduler or dask-jobqueue")
+    g.add_argument("--n-workers", type=int, help="workers of the local cluster")
+    g.add_argument("--threads-per-worker", type=int, help="threads per local worker")
+    g.add_argument("--memory-limit", help="memory limit per local worker, e.g. 4GB")
+
+
+def _open_kwargs(a: argparse.Namespace) -> dict:
+    return {k: getattr(a, k) for k in ("data_dir", "pixel_size", "voltage", "cs", "amp_contrast", "dose", "sign",
+                                       "ignore_pose") if getattr(a, k, None) not in (None, False)}
+
+
+def _cluster_kwargs(a: argparse.Namespace) -> dict:
+    return {k: getattr(a, k) for k in ("scheduler", "scheduler_file", "n_workers", "threads_per_worker",
+                                       "memory_limit") if getattr(a, k, None) is not None}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="dparticles", description="Lazy, chunked cryo-EM particle stacks on Dask.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="link stacks and write particles.star/.cs (Import Particle Stack)")
+    p.add_argument("input", help="RELION .star or CryoSPARC .cs")
+    p.add_argument("--out", required=True, help="output folder")
+    _open_options(p)
+    p.add_argument("--ignore-raw", action="store_true", help="metadata only: no stacks needed or linked")
+    p.add_argument("--exposures", help="micrographs .star or a folder of micrographs/movies to link particles to")
+    p.add_argument("--trim-prefix", default="", help="removed from exposure and micrograph names before matching")
+    p.add_argument("--trim-suffix", default="", help="removed from exposure and micrograph names before matching")
+    p.add_argument("--keep-unmatched", action="store_true", help="keep particles that match no exposure")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    p = sub.add_parser("info", help="what a particle set holds: counts, bytes, box, optics, metadata")
+    p.add_argument("input")
+    _open_options(p)
+    p.add_argument("--ignore-raw", action="store_true", help="metadata only")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("demo", help="make a small demo particle set and run the jobs on a local cluster")
+    p.add_argument("--out", default="dparticles-demo", help="folder for the demo data and results")
+    _cluster_options(p)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ParticleError as exc:
+        print(f"dparticles {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"dparticles {args.command}: interrupted; rerun the same command to finish", file=sys.stderr)
+        return 130
+
+
+def _run(a: argparse.Namespace) -> int:
+    if a.command == "import":
+        from dparticles.importer import import_particles
+        result = import_particles(a.input, a.out, exposures=a.exposures, trim_prefix=a.trim_prefix,
+                                  trim_suffix=a.trim_suffix, keep_unmatched=a.keep_unmatched,
+                                  overwrite=a.overwrite, ignore_raw=a.ignore_raw, **_open_kwargs(a))
+        print(result)
+    elif a.command == "info":
+        from dparticles.dataset import open_particles
+        from dparticles.info import describe, format_text
+        info = describe(open_particles(a.input, ignore_raw=a.ignore_raw, **_open_kwargs(a)))
+        print(json.dumps(info, indent=1) if a.json else format_text(info))
+    elif a.command == "demo":
+        from dparticles.demo import run_demo
+        run_demo(a.out, **_cluster_kwargs(a))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""``open_particles``: particles as they are on disk, opened lazily as an xarray Dataset.
+
+``images`` (particle, y, x) is a dask array over the source stacks; every metadata column of
+:mod:`dparticles.metadata` is a coordinate along ``particle``, plus ``image_path`` (the resolved
+stack) and ``stack_id``, which indexes the ``stack`` dimension (``stack_path``, ``stack_images``,
+``stack_bytes``: every source stack as its header describes it). Opening reads metadata and stack headers only, never pixel data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from dparticles.errors import ParticleError
+from dparticles.io.cs import read_cs
+from dparticles.io.star import read_star
+from dparticles.metadata import POSE, Table, from_cs, from_star
+from dparticles.stack import check_indices, lazy_images, read_infos, resolve_stacks, search_roots
+
+CHUNK_BYTES = 64 * 2**20  # default dask chunk: a few tens of MB of images, whatever the box
+OVERRIDES = {"pixel_size": "pixel size (Å)", "voltage": "voltage (kV)", "cs": "Cs (mm)",
+             "amp_contrast": "amplitude contrast", "dose": "dose (e/Å²)"}
+
+
+def open_particles(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
+                   pixel_size: float | None = None, voltage: float | None = None, cs: float | None = None,
+                   amp_contrast: float | None = None, dose: float | None = None, sign: int | None = None,
+                   ignore_raw: bool = False, ignore_pose: bool = False, apply_sign: bool = False,
+                   chunks: int | None = None) -> xr.Dataset:
+    """Open a RELION ``.star``, a CryoSPARC ``.cs``, a dparticles output folder or zarr cache.
+
+    Microscope values given here override the file's. ``sign`` sets the data sign (+1 dark
+    particles on a light background, -1 the reverse); ``apply_sign`` returns images multiplied by it
+    (for display). ``ignore_raw`` opens metadata only; ``ignore_pose`` drops angles and shifts.
+    ``chunks`` is the number of particles per dask chunk (default: about 64 MB of images).
+    Raises :class:`ParticleError` naming the file and particle for any inconsistency.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if _is_zarr(path):
+            from dparticles.sinks import open_zarr  # zarr is a storage engine of its own
+            ds = open_zarr(path)
+            return _finish(ds, apply_sign)
+        for name in ("particles.star", "particles.cs"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise ParticleError("folder holds no particles.star, particles.cs or zarr cache", path=path)
+    suffix = path.suffix.lower()
+    if suffix == ".star":
+        table = from_star(read_star(path), path)
+    elif suffix == ".cs":
+        table = from_cs(read_cs(path), path)
+    elif path.exists():
+        raise ParticleError("unknown particle metadata format; expected .star, .cs or a zarr cache", path=path)
+    else:
+        raise ParticleError("no such file", path=path)
+    table.attrs["source"] = str(path.resolve())
+    particles = _apply_options(table, path, locals_=dict(pixel_size=pixel_size, voltage=voltage, cs=cs,
+                                                         amp_contrast=amp_contrast, dose=dose),
+                               sign=sign, ignore_pose=ignore_pose, ignore_raw=ignore_raw)
+    ds = xr.Dataset(coords=_coords(particles), attrs=table.attrs)
+    if not ignore_raw:
+        ds = _attach_images(ds, particles, path, data_dir, chunks)
+    return _finish(ds, apply_sign)
+
+
+def _apply_options(table: Table, path: Path, locals_: dict, *, sign: int | None, ignore_pose: bool,
+                   ignore_raw: bool) -> pd.DataFrame:
+    p = table.particles
+    if len(p) == 0:
+        raise ParticleError("holds no particles (the particle table is empty)", path=path)
+    for name, value in locals_.items():
+        if value is not None:
+            if not np.isfinite(value) or (value <= 0 and name != "amp_contrast") or value < 0:
+                raise ParticleError(f"the {OVERRIDES[name]} override must be a positive number, got {value}")
+            p[name] = float(value)
+    if sign is not None:
+        if sign not in (1, -1):
+            raise ParticleError(f"data sign must be 1 or -1, got {sign}")
+        p["sign"] = float(sign)
+    elif "sign" not in p:
+        p["sign"] = 1.0
+    if "pixel_size" in p:
+        bad = ~(pd.to_numeric(p["pixel_size"], errors="coerce") > 0)
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ParticleError(f"pixel size {p['pixel_size'].iloc[row]!r} is not a positive number; "
+                                "give --pixel-size", path=path, particle=row + 1)
+        p["pixel_size"] = p["pixel_size"].astype(np.float64)
+    elif not ignore_raw:
+        hint = ("rlnOpticsGroup is given but the data_optics block is missing; "
+                if table.attrs["format"] == "relion-3.1" else "")
+        raise ParticleError(f"{hint}no pixel size: expected rlnImagePixelSize in data_optics, rlnDetectorPixelSize "
+                            "and rlnMagnification, or blob/psize_A; give one with --pixel-size", path=path)
+    for axis in "xy":  # pixel-valued origins waited for the pixel size
+        if f"_origin_px_{axis}" in p:
+            px = p.pop(f"_origin_px_{axis}")
+            if "pixel_size" in p:
+                p[f"shift_{axis}"] = px * p["pixel_size"]
+    if ignore_pose:
+        p = p.drop(columns=[c for c in p.columns if c in POSE or c.startswith("cs:alignments")])
+        table.attrs["pose"] = "none"
+    table.attrs["has_ctf"] = bool({"defocus_u", "defocus_v"} <= set(p))
+    return p
+
+
+def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks: int | None) -> xr.Dataset:
+    if "image_name" not in p:
+        raise ParticleError("no image column (rlnImageName or blob/path); expected particle images, or "
+                            "use --ignore-raw to import metadata only", path=path)
+    names, stack_ids = np.unique(p["image_name"].to_numpy(dtype=str), return_inverse=True)
+    paths = resolve_stacks(list(names), search_roots(path, data_dir), path)
+    infos = read_infos(paths)
+    indices = p["image_index"].to_numpy(np.int64)
+    check_indices(infos, stack_ids, indices, p["image_name"].to_numpy(), path)
+    box = np.array([infos[s].ny for s in range(len(infos))])[stack_ids]
+    groups = p["optics_group"].to_numpy()
+    for g in np.unique(groups):
+        sizes = np.unique(box[groups == g])
+        if len(sizes) > 1:
+            row = int(np.flatnonzero((groups == g) & (box != sizes[0]))[0])
+            raise ParticleError(f"optics group {g} mixes box sizes {sizes.tolist()}; expected one box per "
+                                f"optics group (this particle is in {infos[stack_ids[row]].path})",
+                                path=path, particle=row + 1)
+    if "box" in p:
+        stated = p["box"].to_numpy()
+        wrong = stated != box
+        if wrong.any():
+            row = int(np.flatnonzero(wrong)[0])
+            raise ParticleError(f"the metadata gives box {stated[row]} but the stack "
+                                f"{infos[stack_ids[row]].path} holds {box[row]}x{box[row]} images",
+                                path=path, particle=row + 1)
+    if len(np.unique(box)) > 1:
+        raise ParticleError(f"optics groups have different box sizes {np.unique(box).tolist()}; a particle "
+                            "stack holds one box size (select one optics group first)", path=path)
+    if chunks is None:
+        chunks = max(1, CHUNK_BYTES // infos[0].image_bytes)
+    images = lazy_images(infos, stack_ids, indices, chunks)
+    ds = ds.assign_coords(box=("particle", box.astype(np.int64)),
+                          image_path=("particle", np.array(paths, dtype=object)[stack_ids]),
+                          stack_id=("particle", stack_ids.astype(np.int64)),
+                          stack_path=("stack", np.array(paths, dtype=object)),
+                          stack_images=("stack", np.array([i.n for i in infos], dtype=np.int64)),
+                          stack_bytes=("stack", np.array([i.n * i.image_bytes for i in infos], dtype=np.int64)))
+    ds["images"] = (("particle", "y", "x"), images)
+    return ds
+
+
+def _coords(p: pd.DataFrame) -> dict:
+    coords = {"particle": np.arange(len(p), dtype=np.int64)}
+    for col in p.columns:
+        values = p[col].to_numpy()
+        if values.dtype.kind in "OUST" or isinstance(p[col].dtype, pd.StringDtype):
+            values = p[col].astype(str).to_numpy(dtype=object)
+        coords[col] = ("particle", values)
+    return coords
+
+
+def _finish(ds: xr.Dataset, apply_sign: bool) -> xr.Dataset:
+    if apply_sign and "images" in ds:
+        signed = ds["images"] * ds["sign"].astype(ds["images"].dtype)
+        ds = ds.assign(images=signed.transpose("particle", "y", "x"))
+    return ds
+
+
+def _is_zarr(path: Path) -> bool:
+    return any((path / marker).exists() for marker in ("zarr.json", ".zgroup", ".zattrs"))
+
+
+def table(ds: xr.Dataset) -> pd.DataFrame:
+    """The per-particle metadata of a dataset as a pandas DataFrame (one row per particle)."""
+    names = [n for n, c in ds.coords.items() if c.dims == ("particle",) and n != "particle"]
+    return pd.DataFrame({n: ds.coords[n].values for n in names})

@@ -1,0 +1,115 @@
+"""Writing results safely: every file appears under its final name only when complete, outputs never
+overwrite inputs, and existing outputs are replaced only when asked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import xarray as xr
+
+from dparticles.dataset import table
+from dparticles.errors import ParticleError
+from dparticles.io.cs import write_cs
+from dparticles.io.star import write_star
+from dparticles.metadata import image_names, to_cs, to_star
+
+TMP_MARK = ".dparticles-tmp"
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary name a file is written under before it is renamed into place."""
+    return path.with_name(f"{path.name}{TMP_MARK}-{os.getpid()}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` then rename tmp to ``path``; on any failure remove tmp and re-raise.
+
+    The data are flushed to disk before the rename, so a crash leaves either the old file, no
+    file, or the complete new one, never a partial file under the final name.
+    """
+    tmp = tmp_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ParticleError(f"could not write ({exc.strerror or exc})", path=path) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete temporary files an interrupted run left behind."""
+    for p in folder.rglob(f"*{TMP_MARK}-*"):
+        p.unlink(missing_ok=True)
+
+
+def input_files(ds: xr.Dataset) -> set[Path]:
+    """Every file a dataset reads: its metadata file and its stacks, resolved."""
+    files = {Path(ds.attrs["source"]).resolve()} if "source" in ds.attrs else set()
+    if "image_path" in ds.coords:
+        files |= {Path(p).resolve() for p in np.unique(ds["image_path"].values.astype(str))}
+    return files
+
+
+@contextmanager
+def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, resume_marker: str | None = None) -> Iterator[Path]:
+    """Create (or reuse) the output folder after checking it is safe.
+
+    Refuses a folder that holds any input; refuses a non-empty folder unless ``overwrite`` (which
+    empties it first) or unless it holds an unfinished run of the same job (``resume_marker``
+    present, final metadata absent), which is resumed.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    for f in input_files(ds):
+        if resolved == f or resolved in f.parents:
+            raise ParticleError(f"the output folder holds an input ({f}); choose another --out", path=out)
+    if out.exists() and not out.is_dir():
+        raise ParticleError("output exists and is not a folder", path=out)
+    if out.is_dir() and any(out.iterdir()):
+        unfinished = resume_marker is not None and (out / resume_marker).is_file() \
+            and not (out / "particles.star").exists()
+        if overwrite:
+            shutil.rmtree(out)
+        elif not unfinished:
+            raise ParticleError("output folder exists and is not empty; use --overwrite to replace it",
+                                path=out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out)
+    yield out
+
+
+def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices: np.ndarray | None,
+                   *, star: bool = True, cs: bool = False, updates: dict | None = None) -> list[Path]:
+    """Write ``particles.star`` (and ``particles.cs``) in ``out`` for the particles of ``ds``, whose
+    images are now at ``paths`` (relative to ``out``) / ``indices`` (0-based). ``updates`` replaces
+    canonical columns (new pixel size, box, shifts...). Written last, atomically."""
+    particles = table(ds).drop(columns=["image_path", "stack_id", "image_name", "image_index"], errors="ignore")
+    for name, values in (updates or {}).items():
+        particles[name] = values
+    written = []
+    if cs:
+        data = to_cs(particles, paths, indices, ds.attrs.get("pose", "none"))
+        atomic_write(out / "particles.cs", lambda tmp: write_cs(tmp, data))
+        written.append(out / "particles.cs")
+    if star:
+        names = image_names(indices, paths) if paths is not None else None
+        blocks = to_star(particles, names)
+        atomic_write(out / "particles.star", lambda tmp: write_star(tmp, blocks))
+        written.append(out / "particles.star")
+    return written
+
+
+def relative_names(paths: list[str], out: Path) -> list[str]:
+    """Paths as written in the metadata: relative to the output folder, POSIX separators."""
+    return [Path(os.path.relpath(p, out)).as_posix() for p in paths]

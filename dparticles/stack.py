@@ -1,0 +1,94 @@
+"""The lazy image stack: resolve stack paths, check headers against the metadata, and build a dask
+array whose every chunk is one task that reads its particles' runs by path."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PureWindowsPath
+from typing import Sequence
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from dparticles.errors import ParticleError
+from dparticles.io.mrc import StackInfo, read_info, read_runs
+from dparticles.planning import chunk_bounds, plan_runs
+
+
+def search_roots(metadata_path: Path, data_dir: str | os.PathLike | None) -> list[Path]:
+    """Where relative image paths are looked for, in order: ``data_dir``, the metadata file's folder,
+    then each of its ancestors (RELION writes paths relative to the project directory)."""
+    folder = metadata_path.resolve().parent
+    roots = [Path(data_dir).resolve()] if data_dir is not None else []
+    return roots + [folder, *folder.parents]
+
+
+def resolve_stacks(names: Sequence[str], roots: Sequence[Path], metadata_path: Path) -> list[str]:
+    """Absolute path of each distinct stack name; a clear error listing the places tried if missing."""
+    out = []
+    for name in map(str, names):
+        tried = _candidates(name, roots)
+        found = next((c for c in tried if c.is_file()), None)
+        if found is None:
+            shown = ", ".join(map(str, tried[:4])) + (f" and {len(tried) - 4} more ancestor folders"
+                                                      if len(tried) > 4 else "")
+            raise ParticleError(f"image stack {name!r} not found; tried {shown}. "
+                                "Use --data-dir to say where the stacks are", path=metadata_path)
+        out.append(str(found))
+    return out
+
+
+def _candidates(name: str, roots: Sequence[Path]) -> list[Path]:
+    """Places a stack name may point at, in the order they are tried."""
+    if PureWindowsPath(name).drive:  # e.g. F:/data/x.mrcs, written on Windows: only its file name helps
+        return [r / PureWindowsPath(name).name for r in roots[:1]]
+    p = Path(name)
+    if p.is_absolute():  # moved data: a data directory may hold the stack under its file name
+        return [p] + [r / p.name for r in roots[:1]]
+    return [r / p for r in roots]
+
+
+def read_infos(paths: Sequence[str], threads: int = 16) -> list[StackInfo]:
+    """Headers of all stacks, read concurrently (shared file systems reward many requests in flight)."""
+    if len(paths) < 64:
+        return [read_info(p) for p in paths]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(read_info, paths))
+
+
+def check_indices(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.ndarray,
+                  names: np.ndarray, metadata_path: Path) -> None:
+    """Every index must lie inside its stack, and every stack must hold square images."""
+    counts = np.array([i.n for i in infos], dtype=np.int64)
+    beyond = indices >= counts[stack_ids]
+    if beyond.any():
+        row = int(np.flatnonzero(beyond)[0])
+        info = infos[stack_ids[row]]
+        raise ParticleError(f"image {indices[row] + 1} of {names[row]!r} is beyond the end of its stack, "
+                            f"which holds {info.n} images ({info.path}); expected 1..{info.n}",
+                            path=metadata_path, particle=row + 1)
+    for info in infos:
+        if info.ny != info.nx:
+            raise ParticleError(f"images are {info.ny}x{info.nx}; expected square particle images",
+                                path=info.path)
+
+
+def lazy_images(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.ndarray,
+                chunk: int) -> da.Array:
+    """A dask array (particle, y, x) in metadata order, ``chunk`` particles per chunk.
+
+    Each chunk is one task holding only its own runs (small tuples of path, offsets and ranges):
+    no memory map and no whole-table array is captured in the graph.
+    """
+    n = len(indices)
+    box = infos[0].ny
+    dtypes = {np.dtype(i.dtype).newbyteorder("=") for i in infos}
+    dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
+    bounds = chunk_bounds(n, chunk)
+    plan = plan_runs(stack_ids, indices, bounds)
+    name = "particles-" + tokenize([(i.path, i.n, i.offset, i.dtype) for i in infos], stack_ids, indices, chunk)
+    dsk = {(name, k, 0, 0): (read_runs, [(infos[s], a, b) for s, a, b in runs], dtype.str) for k, runs in enumerate(plan)}
+    chunks = (tuple(np.diff(bounds).tolist()), (box,), (box,))
+    return da.Array(dsk, name, chunks, dtype=dtype)
