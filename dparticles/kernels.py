@@ -156,6 +156,11 @@ def downsample(images: np.ndarray, out_boxes: Sequence[int | None], *, pixel_siz
     does, only those with ``kx**2 + ky**2 <= (b//2)**2`` are kept (no corners). The inverse FFT
     (size ``o``) is divided by ``b*b``, so a constant image stays the same constant.
 
+    Centre. The centre pixel ``b//2`` lands on ``o//2``. For even ``b`` and ``o`` the window does
+    this by itself (pixel ``x`` goes to ``x*o/b``), exactly as in RELION. When either box is odd,
+    the ramp below also includes a constant shift of ``(o//2)*b/o - b//2`` input pixels in x and
+    y, so that odd boxes stay centred (RELION accepts only even boxes here).
+
     Recentring. ``shifts[i] = (ox, oy)`` is particle i's origin in input pixels with RELION's
     sign; the image is shifted by ``+origin``: every coefficient is multiplied by
     ``exp(-2*pi*i*(kx*ox + ky*oy) / b)``, with the integer ``kx, ky`` above (RELION's
@@ -263,6 +268,10 @@ def _one_box(spec: np.ndarray, b: int, o: int, pixel_size: float, lowpass: float
     np.multiply(spec[:, :top, :cols], factor32[:top], out=block[:, :top])  # copy and scale in one pass
     if bottom:
         np.multiply(spec[:, b - bottom:, :cols], factor32[top:], out=block[:, top:])
+    # keep the centre pixel b//2 on o//2: automatic for even b and o, a sub-pixel shift otherwise
+    centre = (o // 2) * b / o - b // 2
+    if centre != 0.0:
+        shifts = np.full((n, 2), centre) if shifts is None else shifts + centre
     if shifts is not None:
         _apply_ramp(block, shifts, ky, kx, b)
     if o > b:
