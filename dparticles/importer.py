@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
+from dask.base import tokenize
 
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
@@ -42,21 +43,22 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
     matched = unmatched = None
     if exposures is not None:
         ds, matched, unmatched = link_exposures(ds, Path(exposures), trim_prefix, trim_suffix, keep_unmatched)
-    with prepare_output(Path(out), ds, overwrite=overwrite) as out_dir:
-        paths = indices = None
-        n_stacks = 0
-        if "images" in ds:
-            links = _link_stacks(ds, out_dir)
-            n_stacks = len(links)
-            paths = np.array(list(links.values()), dtype=object)[ds["stack_id"].values]
-            indices = ds["image_index"].values
-        write_metadata(out_dir, ds, paths, indices, star=True, cs=True)
+    token = tokenize(str(source), sorted(open_options.items()), exposures, trim_prefix, trim_suffix, keep_unmatched)
+    out_dir = prepare_output(Path(out), ds, overwrite=overwrite, job="import", token=token)
+    paths = indices = None
+    n_stacks = 0
+    if "images" in ds:
+        links = _link_stacks(ds, out_dir)
+        n_stacks = len(links)
+        paths = np.array([links[p] for p in ds["stack_path"].values], dtype=object)[ds["stack_id"].values]
+        indices = ds["image_index"].values
+    write_metadata(out_dir, ds, paths, indices, star=True, cs=True)
     return ImportResult(Path(out), ds.sizes["particle"], n_stacks, matched, unmatched)
 
 
 def _link_stacks(ds: xr.Dataset, out: Path) -> dict[str, str]:
     """Symlink each distinct source stack under ``out/stacks``; returns source -> name relative to out."""
-    sources = pd.unique(ds["image_path"].values.astype(str)[np.argsort(ds["stack_id"].values, kind="stable")])
+    sources = ds["stack_path"].values.astype(str)
     (out / "stacks").mkdir(exist_ok=True)
     links: dict[str, str] = {}
     used: set[str] = set()
@@ -65,8 +67,12 @@ def _link_stacks(ds: xr.Dataset, out: Path) -> dict[str, str]:
         if name in used:
             name = f"{k:06d}_{name}"
         used.add(name)
-        link = out / "stacks" / name
-        link.symlink_to(Path(src).resolve())
+        link, target = out / "stacks" / name, Path(src).resolve()
+        if link.is_symlink() and link.resolve() == target:  # left by an interrupted run
+            pass
+        else:
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
         links[src] = f"stacks/{name}"
     return links
 

@@ -3,12 +3,11 @@ overwrite inputs, and existing outputs are replaced only when asked."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import xarray as xr
@@ -61,13 +60,15 @@ def input_files(ds: xr.Dataset) -> set[Path]:
     return files
 
 
-@contextmanager
-def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, resume_marker: str | None = None) -> Iterator[Path]:
-    """Create (or reuse) the output folder after checking it is safe.
+RUN_MARKER = ".dparticles-run.json"
 
-    Refuses a folder that holds any input; refuses a non-empty folder unless ``overwrite`` (which
-    empties it first) or unless it holds an unfinished run of the same job (``resume_marker``
-    present, final metadata absent), which is resumed.
+
+def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, job: str, token: str) -> Path:
+    """Create (or reuse) the output folder after checking it is safe, and return it.
+
+    Refuses a folder that holds any input. A non-empty folder is emptied with ``overwrite``;
+    without it, it is reused only if it holds a run of the same job with the same inputs and
+    arguments (``token``), which is then resumed; anything else is refused.
     """
     out = Path(out)
     resolved = out.resolve()
@@ -77,16 +78,23 @@ def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, resume_marker:
     if out.exists() and not out.is_dir():
         raise ParticleError("output exists and is not a folder", path=out)
     if out.is_dir() and any(out.iterdir()):
-        unfinished = resume_marker is not None and (out / resume_marker).is_file() \
-            and not (out / "particles.star").exists()
         if overwrite:
             shutil.rmtree(out)
-        elif not unfinished:
-            raise ParticleError("output folder exists and is not empty; use --overwrite to replace it",
-                                path=out)
+        elif _marker(out) != {"job": job, "token": token}:
+            raise ParticleError("output folder exists and is not empty (nor an unfinished run of this job with "
+                                "the same arguments); use --overwrite to replace it", path=out)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
-    yield out
+    if _marker(out) is None:
+        atomic_write(out / RUN_MARKER, lambda tmp: tmp.write_text(json.dumps({"job": job, "token": token})))
+    return out
+
+
+def _marker(out: Path) -> dict | None:
+    try:
+        return json.loads((out / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices: np.ndarray | None,

@@ -44,3 +44,24 @@ def plan_runs(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) ->
         out[c].append((s, i, i + m))
     return out
 
+
+
+def split_runs(runs: list[tuple], max_images: int) -> list[list[tuple]]:
+    """Cut a batch's runs ``(stack, start, stop)`` into pieces of at most ``max_images`` images, in
+    order, so a batch of any size is streamed in bounded memory.
+
+    >>> split_runs([("a", 0, 5), ("b", 2, 4)], 3)
+    [[('a', 0, 3)], [('a', 3, 5), ('b', 2, 3)], [('b', 3, 4)]]
+    """
+    pieces: list[list[tuple]] = [[]]
+    room = max_images
+    for stack, start, stop in runs:
+        while start < stop:
+            if room == 0:
+                pieces.append([])
+                room = max_images
+            take = min(room, stop - start)
+            pieces[-1].append((stack, start, start + take))
+            start += take
+            room -= take
+    return [p for p in pieces if p]

@@ -1,0 +1,76 @@
+"""Restack Particles: the particles in use, in metadata order, into new stacks of N particles.
+
+Float32 pixels come out bit for bit (bytes are moved, not decoded); ``float16`` writes MRC mode 12
+after a range check. The metadata is written last and differs from the input only in where the
+images now are.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from dask.base import tokenize
+
+from dparticles import config
+from dparticles.batching import batch_names, float16_report, run_batches, source_runs, source_token
+from dparticles.cluster import RunSummary
+from dparticles.dataset import open_particles
+from dparticles.errors import ParticleError
+from dparticles.output import prepare_output, write_metadata
+from dparticles.writer import Batch, Output
+
+
+@dataclass
+class JobResult:
+    """What a job wrote and what it cost."""
+
+    out: Path | None
+    n_particles: int
+    n_batches: int
+    kept_batches: int
+    summary: RunSummary | None
+    notes: list[str]
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.n_particles} particles in {self.n_batches} stacks to {self.out}"
+                 + (f" ({self.kept_batches} complete stacks kept from an earlier run)" if self.kept_batches else "")]
+        return "\n".join(lines + self.notes)
+
+
+def restack(source: str | os.PathLike, out: str | os.PathLike, *, batch_size: int | None = None,
+            float16: bool = False, zarr: str | os.PathLike | None = None, overwrite: bool = False,
+            cluster: dict | None = None, log=print, **open_options) -> JobResult:
+    """Write the particles of ``source`` (anything :func:`open_particles` reads) into ``out``.
+
+    ``cluster`` holds :func:`dparticles.cluster.cluster_client` keywords (scheduler, sizes).
+    Rerunning an interrupted run with the same arguments keeps its complete stacks.
+    """
+    ds = open_particles(source, **open_options)
+    batch_size = int(config.get("batch-size", batch_size))
+    dtype = "<f2" if float16 else None
+    runs = source_runs(ds, batch_size)
+    if dtype is None:
+        modes = {info.dtype for _, r in runs for info, _, _ in r}
+        dtype = modes.pop() if len(modes) == 1 else "<f4"
+        dtype = "<" + dtype[1:] if dtype[0] in ">=" else dtype
+    token = tokenize("restack", source_token(ds), batch_size, dtype)
+    out_dir = prepare_output(Path(out), ds, overwrite=overwrite, job="restack", token=token)
+    names = batch_names(len(runs))
+    pixel = ds["pixel_size"].values
+    batches = [Batch(runs=r, first=first, outputs=(Output(str(out_dir / name), int(ds.sizes["x"]), dtype,
+                                                          float(pixel[first])),))
+               for (first, r), name in zip(runs, names)]
+    total, summary = run_batches(batches, label="restack", cluster=cluster or {}, log=log)
+    n = ds.sizes["particle"]
+    paths = np.repeat(np.array(names, dtype=object), [b.n for b in batches])
+    indices = np.concatenate([np.arange(b.n) for b in batches])
+    write_metadata(out_dir, ds, paths, indices, star=True, cs=ds.attrs.get("format") == "cryosparc")
+    notes = [float16_report(total, n * ds.sizes["x"] * ds.sizes["y"])] if float16 else []
+    if zarr is not None:
+        from dparticles.sinks import write_zarr
+        notes.append(write_zarr(open_particles(out_dir), Path(zarr), overwrite=overwrite, cluster=cluster or {},
+                                log=log))
+    return JobResult(out_dir, n, len(batches), total["kept"], summary, notes)

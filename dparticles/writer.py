@@ -1,0 +1,188 @@
+"""Batch tasks: each writes one output batch (one ``.mrcs`` per output size) from the source runs.
+
+A batch file is written under a temporary name and renamed when complete, so a file under its
+final name is always whole; a rerun keeps finished batches after checking them. Float32 copies
+move bytes in the kernel (``os.copy_file_range``) without decoding; conversions and transforms
+stream the batch in pieces of bounded size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dparticles.errors import ParticleError
+from dparticles.io.mrc import HEADER_BYTES, StackInfo, read_info, read_runs, stack_header
+from dparticles.output import tmp_name
+from dparticles.planning import split_runs
+
+FLOAT16_MAX = 65504.0
+PIECE_BYTES = 32 * 2**20  # images decoded at once inside a batch
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output stack of a batch."""
+
+    path: str
+    box: int
+    dtype: str  # '<f4', '<f2', or a source mode kept as is
+    pixel_size: float
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Everything one task needs: source runs, where to write, and the transform (None: copy)."""
+
+    runs: tuple[tuple[StackInfo, int, int], ...]
+    first: int  # metadata row of the batch's first particle, for messages
+    outputs: tuple[Output, ...]
+    transform: Callable[[np.ndarray, np.ndarray | None], list[np.ndarray]] | None = None
+    shifts: np.ndarray | None = None  # (n, 2) recentring origins in input pixels
+
+    @property
+    def n(self) -> int:
+        return sum(stop - start for _, start, stop in self.runs)
+
+
+def write_batch(batch: Batch) -> dict:
+    """Write (or keep, after checking) the batch's output files; return what was done and the
+    float16 rounding error (max and sum of squares against float32)."""
+    if all(_complete(o, batch) for o in batch.outputs):
+        return {"kept": True, "n": batch.n, "bytes": 0, "f16_max": 0.0, "f16_sq": 0.0}
+    tmps = [Path(tmp_name(Path(o.path))) for o in batch.outputs]
+    stats = {"kept": False, "n": batch.n, "bytes": 0, "f16_max": 0.0, "f16_sq": 0.0}
+    files = []
+    try:
+        for o, tmp in zip(batch.outputs, tmps):
+            f = open(tmp, "wb")
+            files.append(f)
+            f.write(stack_header(batch.n, o.box, np.dtype(o.dtype), o.pixel_size, "dparticles"))
+        if _can_copy(batch):
+            stats["bytes"] = _copy_runs(batch.runs, files[0])
+        else:
+            _stream(batch, files, stats)
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for o, tmp in zip(batch.outputs, tmps):
+            os.replace(tmp, o.path)
+    except OSError as exc:
+        raise ParticleError(f"could not write batch ({exc.strerror or exc}); nothing was left under the "
+                            "final name, rerun to continue", path=batch.outputs[0].path) from exc
+    finally:
+        for f in files:
+            f.close()
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    return stats
+
+
+def _can_copy(batch: Batch) -> bool:
+    """Bytes can move unchanged: no transform, one output in the sources' own little-endian mode."""
+    if batch.transform is not None or len(batch.outputs) != 1:
+        return False
+    want = batch.outputs[0].dtype
+    return all(info.dtype == want and info.dtype[0] in "<|" for info, _, _ in batch.runs)
+
+
+def _copy_runs(runs, dst) -> int:
+    """Copy each run's bytes into ``dst`` at its current end, in the kernel where it can."""
+    dst.flush()
+    out_fd = dst.fileno()
+    pos = os.lseek(out_fd, 0, os.SEEK_END)
+    total = 0
+    for info, start, stop in runs:
+        length = (stop - start) * info.image_bytes
+        offset = info.offset + start * info.image_bytes
+        with open(info.path, "rb") as src:
+            done = _copy_range(src.fileno(), out_fd, length, offset, pos)
+        if done != length:
+            raise ParticleError(f"stack ended early: expected {length} bytes from byte {offset}, read {done}",
+                                path=info.path)
+        pos += length
+        total += length
+    os.lseek(out_fd, pos, os.SEEK_SET)
+    return total
+
+
+def _copy_range(src: int, dst: int, length: int, src_off: int, dst_off: int) -> int:
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src, dst, length - done, src_off + done, dst_off + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:  # not supported across these file systems: copy through user space
+        if exc.errno not in (18, 38, 95, 22, 1):  # EXDEV, ENOSYS, EOPNOTSUPP, EINVAL, EPERM
+            raise
+        while done < length:
+            chunk = os.pread(src, min(length - done, 16 * 2**20), src_off + done)
+            if not chunk:
+                break
+            os.pwrite(dst, chunk, dst_off + done)
+            done += len(chunk)
+    return done
+
+
+def _stream(batch: Batch, files, stats: dict) -> None:
+    """Read the batch in pieces, transform, convert and append each output."""
+    info0 = batch.runs[0][0]
+    per_piece = max(1, PIECE_BYTES // (info0.ny * info0.nx * 4))
+    row = 0
+    for piece in split_runs(list(batch.runs), per_piece):
+        first_dtype = batch.outputs[0].dtype
+        decode = "<f4" if batch.transform is not None or first_dtype == "<f2" else first_dtype
+        images = read_runs(piece, decode)
+        n = len(images)
+        shifts = batch.shifts[row:row + n] if batch.shifts is not None else None
+        results = batch.transform(images, shifts) if batch.transform is not None else [images]
+        for o, f, data in zip(batch.outputs, files, results):
+            out = _convert(data, np.dtype(o.dtype), batch.first + row, stats)
+            f.write(out.astype(np.dtype(o.dtype).newbyteorder("<"), copy=False).tobytes())
+            stats["bytes"] += out.nbytes
+        row += n
+
+
+def _convert(data: np.ndarray, dtype: np.dtype, first: int, stats: dict) -> np.ndarray:
+    if dtype != np.float16:
+        return data.astype(dtype, copy=False)
+    peak = np.abs(data).reshape(len(data), -1).max(axis=1)
+    over = np.flatnonzero(~(peak <= FLOAT16_MAX))
+    if len(over):
+        k = int(over[0])
+        raise ParticleError(f"a value of magnitude {peak[k]:.6g} does not fit in float16 (largest "
+                            f"{FLOAT16_MAX:g}); write float32 instead", particle=first + k + 1)
+    half = data.astype(np.float16)
+    err = half.astype(np.float32) - data
+    stats["f16_max"] = max(stats["f16_max"], float(np.abs(err).max()))
+    stats["f16_sq"] += float(np.square(err, dtype=np.float64).sum())
+    return half
+
+
+def _complete(o: Output, batch: Batch) -> bool:
+    """A batch file left by an earlier run is kept only if its header and size are exactly what this
+    run would write and, for byte copies, its first and last images equal the source's."""
+    if not os.path.exists(o.path):
+        return False
+    try:
+        info = read_info(o.path)
+    except ParticleError:
+        return False
+    ok = (info.n == batch.n and info.ny == info.nx == o.box and np.dtype(info.dtype) == np.dtype(o.dtype)
+          and info.offset == HEADER_BYTES and os.path.getsize(o.path) == HEADER_BYTES + info.n * info.image_bytes)
+    if ok and _can_copy(batch):
+        first = read_runs([(batch.runs[0][0], batch.runs[0][1], batch.runs[0][1] + 1)])
+        last_info, _, last_stop = batch.runs[-1]
+        last = read_runs([(last_info, last_stop - 1, last_stop)])
+        mine = read_runs([(info, 0, 1), (info, info.n - 1, info.n)])
+        ok = mine[0].tobytes() == first[0].tobytes() and mine[1].tobytes() == last[0].tobytes()
+    if not ok:
+        os.unlink(o.path)
+    return ok
