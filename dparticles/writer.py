@@ -41,8 +41,9 @@ class Batch:
     runs: tuple[tuple[StackInfo, int, int], ...]
     first: int  # metadata row of the batch's first particle, for messages
     outputs: tuple[Output, ...]
-    transform: Callable[[np.ndarray, np.ndarray | None], list[np.ndarray]] | None = None
+    transform: Callable[[np.ndarray, np.ndarray | None, np.ndarray], list[np.ndarray]] | None = None
     shifts: np.ndarray | None = None  # (n, 2) recentring origins in input pixels
+    pixel_sizes: np.ndarray | None = None  # (n,) input pixel sizes, for the transform
 
     @property
     def n(self) -> int:
@@ -142,7 +143,10 @@ def _stream(batch: Batch, files, stats: dict) -> None:
         images = read_runs(piece, decode)
         n = len(images)
         shifts = batch.shifts[row:row + n] if batch.shifts is not None else None
-        results = batch.transform(images, shifts) if batch.transform is not None else [images]
+        if batch.transform is not None:
+            results = batch.transform(images, shifts, batch.pixel_sizes[row:row + n])
+        else:
+            results = [images]
         for o, f, data in zip(batch.outputs, files, results):
             out = _convert(data, np.dtype(o.dtype), batch.first + row, stats)
             f.write(out.astype(np.dtype(o.dtype).newbyteorder("<"), copy=False).tobytes())
