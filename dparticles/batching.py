@@ -14,6 +14,7 @@ from dparticles.cluster import RunSummary, cluster_client, run_tasks
 from dparticles.errors import ParticleError
 from dparticles.io.mrc import StackInfo
 from dparticles.planning import chunk_bounds, plan_runs
+from dparticles.io.zarr_cache import ZarrSource
 from dparticles.stack import read_infos
 from dparticles.writer import Batch, write_batch
 
@@ -24,11 +25,14 @@ def source_runs(ds: xr.Dataset, batch_size: int) -> list[tuple[int, tuple[tuple[
         raise ParticleError("these particles have no images (opened with ignore_raw)", path=ds.attrs.get("source"))
     if batch_size < 1:
         raise ParticleError(f"batch size must be at least 1, got {batch_size}")
+    bounds = chunk_bounds(ds.sizes["particle"], batch_size)
+    if "zarr" in ds.attrs:  # a zarr cache: each batch reads one slice of the cache
+        src = ZarrSource(ds.attrs["zarr"], ds.sizes["y"], ds.sizes["x"], np.dtype(ds["images"].dtype).str)
+        return [(int(a), ((src, int(a), int(b)),)) for a, b in zip(bounds[:-1], bounds[1:])]
     infos = read_infos(list(ds["stack_path"].values.astype(str)))
     for info, n in zip(infos, ds["stack_images"].values):
         if info.n != n:
             raise ParticleError(f"stack changed since it was opened: it held {n} images, now {info.n}", path=info.path)
-    bounds = chunk_bounds(ds.sizes["particle"], batch_size)
     plan = plan_runs(ds["stack_id"].values, ds["image_index"].values, bounds)
     return [(int(first), tuple((infos[s], a, b) for s, a, b in runs)) for first, runs in zip(bounds[:-1], plan)]
 
@@ -40,8 +44,12 @@ def batch_names(n_batches: int) -> list[str]:
 
 def source_token(ds: xr.Dataset) -> str:
     """Identifies the input: metadata, particle order, and each stack's size and modification time."""
-    stamps = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in ds["stack_path"].values.astype(str)]
-    return tokenize(ds.attrs.get("source"), stamps, ds["stack_id"].values, ds["image_index"].values)
+    if "zarr" in ds.attrs:
+        files, order = [ds.attrs["zarr"] + "/images/zarr.json"], ds.sizes["particle"]
+    else:
+        files, order = ds["stack_path"].values.astype(str), (ds["stack_id"].values, ds["image_index"].values)
+    stamps = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
+    return tokenize(ds.attrs.get("source"), stamps, order)
 
 
 def run_batches(batches: list[Batch], *, label: str, cluster: dict, log=print) -> tuple[dict, RunSummary]:

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from dparticles.errors import ParticleError
 
 
-def _open_options(p: argparse.ArgumentParser) -> None:
+def _open_options(p: argparse.ArgumentParser, pixel_size: bool = True) -> None:
     g = p.add_argument_group("reading the input")
     g.add_argument("--data-dir", help="folder holding the stacks, tried before the metadata's folder and its ancestors")
-    g.add_argument("--pixel-size", type=float, help="override the pixel size (Å)")
+    flag = "--pixel-size" if pixel_size else "--input-pixel-size"
+    g.add_argument(flag, dest="pixel_size", type=float, help="override the input pixel size (Å)")
     g.add_argument("--voltage", type=float, help="override the accelerating voltage (kV)")
     g.add_argument("--cs", type=float, help="override the spherical aberration (mm)")
     g.add_argument("--amp-contrast", type=float, help="override the amplitude contrast")
@@ -29,6 +30,12 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-workers", type=int, help="workers of the local cluster")
     g.add_argument("--threads-per-worker", type=int, help="threads per local worker")
     g.add_argument("--memory-limit", help="memory limit per local worker, e.g. 4GB")
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--float16", action="store_true", help="write MRC mode 12 (range checked, error reported)")
+    p.add_argument("--zarr", help="also (or, for restack without --out, only) write a zarr cache here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
 def _open_kwargs(a: argparse.Namespace) -> dict:
@@ -62,6 +69,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-raw", action="store_true", help="metadata only")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("restack", help="write the particles in use into new stacks of N (Restack Particles)")
+    p.add_argument("input", help="RELION .star, CryoSPARC .cs, an earlier output folder or a zarr cache")
+    p.add_argument("--out", help="output folder (stacks/ and particles.star)")
+    p.add_argument("--batch-size", type=int, help="particles per output stack (default: dparticles.batch-size)")
+    _output_options(p)
+    _open_options(p)
+    _cluster_options(p)
+
+    p = sub.add_parser("downsample", help="crop, Fourier crop, lowpass, recentre (Downsample Particles)")
+    p.add_argument("input", help="RELION .star, CryoSPARC .cs, an earlier output folder or a zarr cache")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder boxN per size when several)")
+    p.add_argument("--crop-box", type=int, help="real-space crop or pad (with each image's mean) to this box first")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--fourier-box", type=int, nargs="+", help="Fourier crop to this box (several: one output each)")
+    size.add_argument("--pixel-size", dest="target_pixel_size", type=float, nargs="+",
+                      help="Fourier crop to the even box nearest this pixel size (Å); several allowed")
+    p.add_argument("--lowpass", type=float, help="lowpass corner resolution (Å); raised-cosine edge 2 shells wide")
+    p.add_argument("--recenter", action="store_true", help="shift each particle by its aligned shift (3D, else 2D)")
+    p.add_argument("--batch-size", type=int, help="particles per output stack (default: dparticles.batch-size)")
+    _output_options(p)
+    _open_options(p, pixel_size=False)
+    _cluster_options(p)
+
     p = sub.add_parser("demo", help="make a small demo particle set and run the jobs on a local cluster")
     p.add_argument("--out", default="dparticles-demo", help="folder for the demo data and results")
     _cluster_options(p)
@@ -92,6 +122,19 @@ def _run(a: argparse.Namespace) -> int:
         from dparticles.info import describe, format_text
         info = describe(open_particles(a.input, ignore_raw=a.ignore_raw, **_open_kwargs(a)))
         print(json.dumps(info, indent=1) if a.json else format_text(info))
+    elif a.command == "restack":
+        from dparticles.restack import restack
+        if a.out is None and a.zarr is None:
+            raise ParticleError("give --out (stacks), --zarr (cache), or both")
+        print(restack(a.input, a.out, batch_size=a.batch_size, float16=a.float16, zarr=a.zarr,
+                      overwrite=a.overwrite, cluster=_cluster_kwargs(a), **_open_kwargs(a)))
+    elif a.command == "downsample":
+        from dparticles.downsample import downsample
+        for result in downsample(a.input, a.out, crop_box=a.crop_box, fourier_box=a.fourier_box,
+                                 pixel_size=a.target_pixel_size, lowpass=a.lowpass, recenter=a.recenter,
+                                 float16=a.float16, batch_size=a.batch_size, zarr=a.zarr, overwrite=a.overwrite,
+                                 cluster=_cluster_kwargs(a), **_open_kwargs(a)):
+            print(result)
     elif a.command == "demo":
         from dparticles.demo import run_demo
         run_demo(a.out, **_cluster_kwargs(a))

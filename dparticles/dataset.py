@@ -18,6 +18,7 @@ import xarray as xr
 from dparticles.errors import ParticleError
 from dparticles.io.cs import read_cs
 from dparticles.io.star import read_star
+from dparticles.io.zarr_cache import open_zarr
 from dparticles.metadata import POSE, Table, from_cs, from_star
 from dparticles.stack import check_indices, lazy_images, read_infos, resolve_stacks, search_roots
 
@@ -42,7 +43,6 @@ def open_particles(path: str | os.PathLike, *, data_dir: str | os.PathLike | Non
     path = Path(path)
     if path.is_dir():
         if _is_zarr(path):
-            from dparticles.sinks import open_zarr  # zarr is a storage engine of its own
             ds = open_zarr(path)
             return _finish(ds, apply_sign)
         for name in ("particles.star", "particles.cs"):
@@ -114,8 +114,9 @@ def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks
     if "image_name" not in p:
         raise ParticleError("no image column (rlnImageName or blob/path); expected particle images, or "
                             "use --ignore-raw to import metadata only", path=path)
-    names, stack_ids = np.unique(p["image_name"].to_numpy(dtype=str), return_inverse=True)
-    paths = resolve_stacks(list(names), search_roots(path, data_dir), path)
+    names, first, stack_ids = np.unique(p["image_name"].to_numpy(dtype=str), return_index=True,
+                                        return_inverse=True)
+    paths = resolve_stacks(list(names), search_roots(path, data_dir), path, first)
     infos = read_infos(paths)
     indices = p["image_index"].to_numpy(np.int64)
     check_indices(infos, stack_ids, indices, p["image_name"].to_numpy(), path)

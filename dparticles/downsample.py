@@ -23,6 +23,7 @@ from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 from dparticles.output import prepare_output, write_metadata
 from dparticles.restack import JobResult
+from dparticles.sinks import write_zarr
 from dparticles.writer import Batch, Output
 
 
@@ -106,9 +107,9 @@ def downsample(source: str | os.PathLike, out: str | os.PathLike, *, crop_box: i
         if float16:
             notes.append(float16_report(total, n * b * b * len(boxes)))
         if zarr is not None:
-            from dparticles.sinks import write_zarr
             target = Path(zarr) if len(boxes) == 1 else Path(zarr) / f"box{b}.zarr"
-            notes.append(write_zarr(open_particles(d), target, overwrite=overwrite, cluster=cluster or {}, log=log))
+            notes.append(write_zarr(open_particles(d), target, overwrite=overwrite, cluster=cluster or {},
+                                    batch_size=batch_size, log=log))
         results.append(JobResult(d, n, len(batches), total["kept"] // len(boxes), summary, notes))
     return results
 

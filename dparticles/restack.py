@@ -20,6 +20,7 @@ from dparticles.cluster import RunSummary
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 from dparticles.output import prepare_output, write_metadata
+from dparticles.sinks import write_zarr
 from dparticles.writer import Batch, Output
 
 
@@ -36,11 +37,12 @@ class JobResult:
 
     def __str__(self) -> str:
         lines = [f"wrote {self.n_particles} particles in {self.n_batches} stacks to {self.out}"
-                 + (f" ({self.kept_batches} complete stacks kept from an earlier run)" if self.kept_batches else "")]
+                 + (f" ({self.kept_batches} complete stacks kept from an earlier run)" if self.kept_batches else "")
+                 ] if self.out is not None else []
         return "\n".join(lines + self.notes)
 
 
-def restack(source: str | os.PathLike, out: str | os.PathLike, *, batch_size: int | None = None,
+def restack(source: str | os.PathLike, out: str | os.PathLike | None, *, batch_size: int | None = None,
             float16: bool = False, zarr: str | os.PathLike | None = None, overwrite: bool = False,
             cluster: dict | None = None, log=print, **open_options) -> JobResult:
     """Write the particles of ``source`` (anything :func:`open_particles` reads) into ``out``.
@@ -50,6 +52,11 @@ def restack(source: str | os.PathLike, out: str | os.PathLike, *, batch_size: in
     """
     ds = open_particles(source, **open_options)
     batch_size = int(config.get("batch-size", batch_size))
+    if out is None:  # a zarr cache alone
+        if zarr is None:
+            raise ParticleError("give an output folder, a zarr cache, or both")
+        note = write_zarr(ds, Path(zarr), overwrite=overwrite, cluster=cluster or {}, batch_size=batch_size, log=log)
+        return JobResult(None, ds.sizes["particle"], 0, 0, None, [note])
     dtype = "<f2" if float16 else None
     runs = source_runs(ds, batch_size)
     if dtype is None:
@@ -70,7 +77,6 @@ def restack(source: str | os.PathLike, out: str | os.PathLike, *, batch_size: in
     write_metadata(out_dir, ds, paths, indices, star=True, cs=ds.attrs.get("format") == "cryosparc")
     notes = [float16_report(total, n * ds.sizes["x"] * ds.sizes["y"])] if float16 else []
     if zarr is not None:
-        from dparticles.sinks import write_zarr
         notes.append(write_zarr(open_particles(out_dir), Path(zarr), overwrite=overwrite, cluster=cluster or {},
-                                log=log))
+                                batch_size=batch_size, log=log))
     return JobResult(out_dir, n, len(batches), total["kept"], summary, notes)

@@ -89,7 +89,7 @@ def _can_copy(batch: Batch) -> bool:
     if batch.transform is not None or len(batch.outputs) != 1:
         return False
     want = batch.outputs[0].dtype
-    return all(info.dtype == want and info.dtype[0] in "<|" for info, _, _ in batch.runs)
+    return all(isinstance(info, StackInfo) and info.dtype == want and info.dtype[0] in "<|" for info, _, _ in batch.runs)
 
 
 def _copy_runs(runs, dst) -> int:
@@ -140,7 +140,7 @@ def _stream(batch: Batch, files, stats: dict) -> None:
     for piece in split_runs(list(batch.runs), per_piece):
         first_dtype = batch.outputs[0].dtype
         decode = "<f4" if batch.transform is not None or first_dtype == "<f2" else first_dtype
-        images = read_runs(piece, decode)
+        images = _read(piece, decode)
         n = len(images)
         shifts = batch.shifts[row:row + n] if batch.shifts is not None else None
         if batch.transform is not None:
@@ -152,6 +152,13 @@ def _stream(batch: Batch, files, stats: dict) -> None:
             f.write(out.astype(np.dtype(o.dtype).newbyteorder("<"), copy=False).tobytes())
             stats["bytes"] += out.nbytes
         row += n
+
+
+def _read(piece: list[tuple], dtype: str) -> np.ndarray:
+    """Images of a piece of a batch, from MRC stacks or from a zarr cache (``.read``)."""
+    if isinstance(piece[0][0], StackInfo):
+        return read_runs(piece, dtype)
+    return np.concatenate([src.read(a, b) for src, a, b in piece]).astype(dtype, copy=False)
 
 
 def _convert(data: np.ndarray, dtype: np.dtype, first: int, stats: dict) -> np.ndarray:
