@@ -54,7 +54,10 @@ _STAR_OPTICS = {
     "rlnAmplitudeContrast": "amp_contrast", "rlnImagePixelSize": "pixel_size", "rlnImageSize": "box",
 }
 _STAR_OPTICS_DERIVED = {"rlnDetectorPixelSize", "rlnMagnification", "rlnImageDimensionality", "rlnOpticsGroup"}
-_STAR_PARTICLE_DERIVED = {"rlnImageName", "rlnOriginX", "rlnOriginY"}
+_STAR_PARTICLE_DERIVED = {"rlnImageName", "rlnOriginX", "rlnOriginY", "dparticlesDataSign"}
+# RELION has no label for the data sign: ours (RELION ignores labels it does not know), written only when
+# some particle is -1, so that a sign given at import survives in particles.star
+SIGN_LABEL = "dparticlesDataSign"
 
 
 @dataclass
@@ -87,6 +90,8 @@ def from_star(blocks: dict, path: Path) -> Table:
     for label, name in _STAR_OPTICS.items():  # 3.0 files carry optics per particle
         if label in star and name not in out:
             out[name] = star[label]
+    if SIGN_LABEL in star:
+        out["sign"] = _floats(star[SIGN_LABEL], SIGN_LABEL, path)
 
     if optics is not None:
         if "rlnOpticsGroup" not in optics:
@@ -138,12 +143,30 @@ def from_star(blocks: dict, path: Path) -> Table:
     for col in ("optics_group", "class_number", "box"):
         if col in out:
             out[col] = out[col].astype(np.int64)
+    labels = {v: k for k, v in (_STAR_PARTICLE | _STAR_OPTICS).items()}
+    for col in _FLOAT:  # e.g. 'rlnVoltage 300' parses as an integer; units are float whatever the file wrote
+        if col in out:
+            out[col] = _floats(out[col], labels.get(col, col), path)
     if "optics_group" not in out:
         out["optics_group"] = np.int64(1)
     if "optics_group_name" not in out:
         out["optics_group_name"] = [f"opticsGroup{g}" for g in out["optics_group"]]
     pose = "3d" if {"angle_rot", "angle_tilt"} <= set(out) else "2d" if "angle_psi" in out else "none"
     return Table(out, {"format": f"relion-{version}", "pose": pose, "particle_block": particles_name})
+
+
+_FLOAT = ["coord_x", "coord_y", "defocus_u", "defocus_v", "defocus_angle", "phase_shift", "voltage", "cs",
+          "amp_contrast", "pixel_size", "shift_x", "shift_y", "angle_rot", "angle_tilt", "angle_psi"]
+
+
+def _floats(values: pd.Series, name: str, path: Path) -> pd.Series:
+    """A numeric column as float64, or a clear error naming the first particle that is not a number."""
+    out = pd.to_numeric(values, errors="coerce").astype(np.float64)
+    bad = out.isna() & values.notna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ParticleError(f"{name} is {values.iloc[row]!r}; expected a number", path=path, particle=row + 1)
+    return out
 
 
 def _particle_block(blocks: dict, path: Path) -> str:
@@ -211,6 +234,8 @@ def to_star(particles: pd.DataFrame, image_names: np.ndarray | None) -> dict[str
     for col in particles.columns:
         if col.startswith("star:"):
             out[col.split(":", 1)[1]] = particles[col].to_numpy()
+    if "sign" in particles and (particles["sign"].to_numpy() != 1).any():
+        out[SIGN_LABEL] = particles["sign"].to_numpy(np.float64)
     if image_names is not None:
         out["rlnImageName"] = image_names
     return {"optics": optics.reset_index(drop=True), "particles": out.reset_index(drop=True)}
@@ -285,7 +310,9 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
             if f"{kind}/pose" in names:
                 p = take(f"{kind}/pose").astype(np.float64)
                 if kind == "alignments3D":
-                    out["angle_rot"], out["angle_tilt"], out["angle_psi"] = euler_from_matrix(expmap(p))
+                    # CryoSPARC's pose is the inverse rotation of RELION's matrix (as pyem and cryoDRGN read it)
+                    out["angle_rot"], out["angle_tilt"], out["angle_psi"] = euler_from_matrix(
+                        np.swapaxes(expmap(p), -1, -2))
                 else:
                     out["angle_psi"] = np.rad2deg(p)
             if f"{kind}/class" in names:
@@ -343,7 +370,7 @@ def to_cs(particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray
         if pose == "3d" and {"angle_rot", "angle_tilt", "angle_psi"} <= set(particles):
             m = matrix_from_euler(particles["angle_rot"].to_numpy(), particles["angle_tilt"].to_numpy(),
                                   particles["angle_psi"].to_numpy())
-            cols[f"{kind}/pose"] = logmap(m).astype(np.float32)
+            cols[f"{kind}/pose"] = logmap(np.swapaxes(m, -1, -2)).astype(np.float32)
         elif pose == "2d" and "angle_psi" in particles:
             cols[f"{kind}/pose"] = np.deg2rad(particles["angle_psi"].to_numpy()).astype(np.float32)
         if "class_number" in particles:
@@ -357,15 +384,22 @@ def to_cs(particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray
         if m:
             vectors.setdefault(m.group(1), {})[int(m.group(2))] = particles[col].to_numpy()
         elif name not in cols:
-            cols[name] = particles[col].to_numpy()
+            cols[name] = _cs_column(particles[col].to_numpy())
     for name, parts in vectors.items():
         if name not in cols:
-            cols[name] = np.stack([parts[i] for i in sorted(parts)], axis=1)
+            cols[name] = np.stack([_cs_column(parts[i]) for i in sorted(parts)], axis=1)
     dtype = [(k, v.dtype, v.shape[1:]) if v.ndim > 1 else (k, v.dtype) for k, v in cols.items()]
     out = np.empty(n, dtype=dtype)
     for k, v in cols.items():
         out[k] = v
     return out
+
+
+def _cs_column(values: np.ndarray) -> np.ndarray:
+    """Text columns as fixed-width UTF-8 bytes (a .cs file holds no Python objects)."""
+    if values.dtype.kind in "OU":
+        return np.array([v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values], dtype=bytes)
+    return values
 
 
 def _new_uids(n: int) -> np.ndarray:
