@@ -117,7 +117,13 @@ def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks
     names, first, stack_ids = np.unique(p["image_name"].to_numpy(dtype=str), return_index=True,
                                         return_inverse=True)
     paths = resolve_stacks(list(names), search_roots(path, data_dir), path, first)
-    infos = read_infos(paths)
+    try:
+        infos = read_infos(paths)
+    except ParticleError as exc:  # say which particle needs the bad stack
+        k = paths.index(str(exc.path)) if str(exc.path) in paths else None
+        if k is None:
+            raise
+        raise ParticleError(f"stack {exc}", path=path, particle=int(first[k]) + 1) from None
     indices = p["image_index"].to_numpy(np.int64)
     check_indices(infos, stack_ids, indices, p["image_name"].to_numpy(), path)
     box = np.array([infos[s].ny for s in range(len(infos))])[stack_ids]

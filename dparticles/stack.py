@@ -25,17 +25,21 @@ def search_roots(metadata_path: Path, data_dir: str | os.PathLike | None) -> lis
     return roots + [folder, *folder.parents]
 
 
-def resolve_stacks(names: Sequence[str], roots: Sequence[Path], metadata_path: Path) -> list[str]:
-    """Absolute path of each distinct stack name; a clear error listing the places tried if missing."""
+def resolve_stacks(names: Sequence[str], roots: Sequence[Path], metadata_path: Path,
+                   first_rows: Sequence[int] | None = None) -> list[str]:
+    """Absolute path of each distinct stack name; a clear error listing the places tried if missing
+    (naming the first particle that uses the stack when ``first_rows``, 0-based, is given)."""
     out = []
-    for name in map(str, names):
+    for k, name in enumerate(map(str, names)):
         tried = _candidates(name, roots)
         found = next((c for c in tried if c.is_file()), None)
         if found is None:
             shown = ", ".join(map(str, tried[:4])) + (f" and {len(tried) - 4} more ancestor folders"
                                                       if len(tried) > 4 else "")
-            raise ParticleError(f"image stack {name!r} not found; tried {shown}. "
-                                "Use --data-dir to say where the stacks are", path=metadata_path)
+            odd = next((f" ({c} exists but is not a file)" for c in tried if c.exists()), "")
+            raise ParticleError(f"image stack {name!r} not found; tried {shown}{odd}. "
+                                "Use --data-dir to say where the stacks are", path=metadata_path,
+                                particle=None if first_rows is None else int(first_rows[k]) + 1)
         out.append(str(found))
     return out
 
@@ -69,10 +73,11 @@ def check_indices(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np
         raise ParticleError(f"image {indices[row] + 1} of {names[row]!r} is beyond the end of its stack, "
                             f"which holds {info.n} images ({info.path}); expected 1..{info.n}",
                             path=metadata_path, particle=row + 1)
-    for info in infos:
+    for k, info in enumerate(infos):
         if info.ny != info.nx:
-            raise ParticleError(f"images are {info.ny}x{info.nx}; expected square particle images",
-                                path=info.path)
+            row = int(np.flatnonzero(stack_ids == k)[0])
+            raise ParticleError(f"the stack {info.path} holds {info.ny}x{info.nx} (rows x columns) images; expected "
+                                "square particle images", path=metadata_path, particle=row + 1)
 
 
 def lazy_images(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.ndarray,
