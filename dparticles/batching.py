@@ -4,6 +4,7 @@ and run one task per batch on the cluster."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,24 @@ from dparticles.planning import chunk_bounds, plan_runs
 from dparticles.io.zarr_cache import ZarrSource
 from dparticles.stack import read_infos
 from dparticles.writer import Batch, write_batch
+
+
+@dataclass
+class JobResult:
+    """What a job wrote and what it cost."""
+
+    out: Path | None
+    n_particles: int
+    n_batches: int
+    kept_batches: int
+    summary: RunSummary | None
+    notes: list[str]
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.n_particles} particles in {self.n_batches} stacks to {self.out}"
+                 + (f" ({self.kept_batches} complete stacks kept from an earlier run)" if self.kept_batches else "")
+                 ] if self.out is not None else []
+        return "\n".join(lines + self.notes)
 
 
 def source_runs(ds: xr.Dataset, batch_size: int) -> list[tuple[int, tuple[tuple[StackInfo, int, int], ...]]]:

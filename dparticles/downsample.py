@@ -18,11 +18,10 @@ import xarray as xr
 from dask.base import tokenize
 
 from dparticles import config, kernels
-from dparticles.batching import batch_names, float16_report, run_batches, source_runs, source_token
+from dparticles.batching import JobResult, batch_names, float16_report, run_batches, source_runs, source_token
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 from dparticles.output import prepare_output, write_metadata
-from dparticles.restack import JobResult
 from dparticles.sinks import write_zarr
 from dparticles.writer import Batch, Output
 

@@ -8,38 +8,18 @@ images now are.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from dask.base import tokenize
 
 from dparticles import config
-from dparticles.batching import batch_names, float16_report, run_batches, source_runs, source_token
-from dparticles.cluster import RunSummary
+from dparticles.batching import JobResult, batch_names, float16_report, run_batches, source_runs, source_token
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 from dparticles.output import prepare_output, write_metadata
 from dparticles.sinks import write_zarr
 from dparticles.writer import Batch, Output
-
-
-@dataclass
-class JobResult:
-    """What a job wrote and what it cost."""
-
-    out: Path | None
-    n_particles: int
-    n_batches: int
-    kept_batches: int
-    summary: RunSummary | None
-    notes: list[str]
-
-    def __str__(self) -> str:
-        lines = [f"wrote {self.n_particles} particles in {self.n_batches} stacks to {self.out}"
-                 + (f" ({self.kept_batches} complete stacks kept from an earlier run)" if self.kept_batches else "")
-                 ] if self.out is not None else []
-        return "\n".join(lines + self.notes)
 
 
 def restack(source: str | os.PathLike, out: str | os.PathLike | None, *, batch_size: int | None = None,
