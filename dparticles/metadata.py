@@ -58,6 +58,7 @@ _STAR_PARTICLE_DERIVED = {"rlnImageName", "rlnOriginX", "rlnOriginY", "dparticle
 # RELION has no label for the data sign: ours (RELION ignores labels it does not know), written only when
 # some particle is -1, so that a sign given at import survives in particles.star
 SIGN_LABEL = "dparticlesDataSign"
+DOSE_LABEL = "dparticlesTotalDose"  # optics table, e/Å²; likewise ours, written only when a dose is known
 
 
 @dataclass
@@ -112,6 +113,8 @@ def from_star(blocks: dict, path: Path) -> Table:
             name = _STAR_OPTICS.get(label)
             if name is not None:
                 out[name] = values
+            elif label == DOSE_LABEL:
+                out["dose"] = values
             elif label == "rlnDetectorPixelSize" or label == "rlnMagnification":
                 out[f"star_optics:{label}"] = values
             elif label not in _STAR_OPTICS_DERIVED:
@@ -155,7 +158,7 @@ def from_star(blocks: dict, path: Path) -> Table:
     return Table(out, {"format": f"relion-{version}", "pose": pose, "particle_block": particles_name})
 
 
-_FLOAT = ["coord_x", "coord_y", "defocus_u", "defocus_v", "defocus_angle", "phase_shift", "voltage", "cs",
+_FLOAT = ["coord_x", "coord_y", "defocus_u", "defocus_v", "defocus_angle", "phase_shift", "voltage", "cs", "dose",
           "amp_contrast", "pixel_size", "shift_x", "shift_y", "angle_rot", "angle_tilt", "angle_psi"]
 
 
@@ -222,6 +225,8 @@ def to_star(particles: pd.DataFrame, image_names: np.ndarray | None) -> dict[str
             optics[label] = groups[name].to_numpy()
     if "box" in groups:
         optics["rlnImageDimensionality"] = 2
+    if "dose" in groups:
+        optics[DOSE_LABEL] = groups["dose"].to_numpy(np.float64)
     for col in groups.columns:
         if col.startswith("star_optics:"):
             optics[col.split(":", 1)[1]] = groups[col].to_numpy()
@@ -278,7 +283,7 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
     if "blob/sign" in names:
         out["sign"] = take("blob/sign").astype(np.float64)
     simple = {"ctf/accel_kv": "voltage", "ctf/cs_mm": "cs", "ctf/amp_contrast": "amp_contrast",
-              "ctf/df1_A": "defocus_u", "ctf/df2_A": "defocus_v"}
+              "ctf/df1_A": "defocus_u", "ctf/df2_A": "defocus_v", "mscope_params/total_dose_e_per_A2": "dose"}
     for f, name in simple.items():
         if f in names:
             out[name] = take(f).astype(np.float64)
@@ -346,7 +351,8 @@ def to_cs(particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray
         cols["blob/psize_A"] = particles["pixel_size"].to_numpy(np.float32)
     cols["blob/sign"] = (particles["sign"] if "sign" in particles else pd.Series(np.ones(n))).to_numpy(np.float32)
     for name, f in {"voltage": "ctf/accel_kv", "cs": "ctf/cs_mm", "amp_contrast": "ctf/amp_contrast",
-                    "defocus_u": "ctf/df1_A", "defocus_v": "ctf/df2_A"}.items():
+                    "defocus_u": "ctf/df1_A", "defocus_v": "ctf/df2_A",
+                    "dose": "mscope_params/total_dose_e_per_A2"}.items():
         if name in particles:
             cols[f] = particles[name].to_numpy(np.float32)
     for name, f in {"defocus_angle": "ctf/df_angle_rad", "phase_shift": "ctf/phase_shift_rad"}.items():
