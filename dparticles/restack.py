@@ -54,9 +54,11 @@ def restack(source: str | os.PathLike, out: str | os.PathLike | None, *, batch_s
     n = ds.sizes["particle"]
     paths = np.repeat(np.array(names, dtype=object), [b.n for b in batches])
     indices = np.concatenate([np.arange(b.n) for b in batches])
-    write_metadata(out_dir, ds, paths, indices, star=True, cs=ds.attrs.get("format") == "cryosparc")
+    cs = ds.attrs.get("format") == "cryosparc"
+    write_metadata(out_dir, ds, paths, indices, star=True, cs=cs)
     notes = [float16_report(total, n * ds.sizes["x"] * ds.sizes["y"])] if float16 else []
-    if zarr is not None:
-        notes.append(write_zarr(open_particles(out_dir), Path(zarr), overwrite=overwrite, cluster=cluster or {},
+    if zarr is not None:  # from the metadata of the input's kind (.cs fields have no STAR labels)
+        written = out_dir / ("particles.cs" if cs else "particles.star")
+        notes.append(write_zarr(open_particles(written), Path(zarr), overwrite=overwrite, cluster=cluster or {},
                                 batch_size=batch_size, log=log))
     return JobResult(out_dir, n, len(batches), total["kept"], summary, notes)

@@ -124,11 +124,15 @@ def _copy_range(src: int, dst: int, length: int, src_off: int, dst_off: int) -> 
         if exc.errno not in (18, 38, 95, 22, 1):  # EXDEV, ENOSYS, EOPNOTSUPP, EINVAL, EPERM
             raise
         while done < length:
-            chunk = os.pread(src, min(length - done, 16 * 2**20), src_off + done)
+            chunk = memoryview(os.pread(src, min(length - done, 16 * 2**20), src_off + done))
             if not chunk:
                 break
-            os.pwrite(dst, chunk, dst_off + done)
-            done += len(chunk)
+            while chunk:  # pwrite may write less than asked (a full disk): write the rest or fail
+                n = os.pwrite(dst, chunk, dst_off + done)
+                if n == 0:
+                    raise OSError(28, "No space left on device")
+                done += n
+                chunk = chunk[n:]
     return done
 
 
