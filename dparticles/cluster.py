@@ -1,0 +1,205 @@
+"""Where jobs run: pick or start a Dask cluster, run independent tasks on it, report.
+
+A job asks for a client with :func:`cluster_client` and fans its batches out with
+:func:`run_tasks`. The same job code then runs on a laptop (embedded LocalCluster),
+in a notebook (the client already open there) or on HPC (a scheduler started by
+dask-jobqueue or inside a batch allocation, reached by address or scheduler file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import distributed
+import psutil
+from dask.utils import format_bytes, parse_bytes
+
+from . import config
+from .errors import ParticleError
+
+Log = Callable[[str], Any]
+
+
+def _local_cluster_size(n_workers: int | None, threads_per_worker: int | None,
+                        memory_limit: str | None) -> tuple[int, int, str | int]:
+    """Workers, threads and memory per worker for an embedded cluster on this machine.
+
+    Unless configured, one single-threaded worker per CPU, but no more workers than
+    fit 80% of the RAM at ``memory-budget`` each, so a laptop does not swap.
+    """
+    threads = int(config.get("cluster.threads-per-worker", threads_per_worker) or 1)
+    n = config.get("cluster.n-workers", n_workers)
+    if n is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        budget = parse_bytes(str(config.get("memory-budget")))
+        n = max(1, min(cpus // threads, int(0.8 * psutil.virtual_memory().total) // budget))
+    return int(n), threads, config.get("cluster.memory-limit", memory_limit)
+
+
+def _dashboard_address(host: str) -> str | None:
+    """Configured dashboard address, bound to ``host`` when it names only a port.
+
+    distributed reads ``":8787"`` as all interfaces; we never want that implicitly.
+    """
+    addr = config.get("cluster.dashboard-address")
+    if addr is None:
+        return None
+    addr = str(addr)
+    return f"{host}{addr}" if addr.startswith(":") else addr
+
+
+@contextlib.contextmanager
+def cluster_client(scheduler: str | None = None, scheduler_file: str | None = None, *,
+                   n_workers: int | None = None, threads_per_worker: int | None = None,
+                   memory_limit: str | None = None, security: Any = None,
+                   log: Log = print) -> Iterator[distributed.Client]:
+    """Yield a client, choosing in order: an explicit scheduler, the active client, a new LocalCluster.
+
+    - ``scheduler`` (address such as ``tcp://node:8786`` or ``tls://...``) or ``scheduler_file``
+      (written by ``dask scheduler --scheduler-file`` or dask-jobqueue): connect; the
+      scheduler is left running, only our client is closed.
+    - Otherwise an active ``distributed.Client`` (a notebook's) is reused and left open.
+    - Otherwise an embedded ``LocalCluster(processes=True)`` sized to the machine is started
+      on ``cluster.host`` (127.0.0.1 by default, dashboard too), its dashboard URL is logged,
+      and it is closed at exit.
+
+    ``security`` (a ``distributed.security.Security``) is needed for ``tls://`` schedulers;
+    left as None, distributed's own ``distributed.comm.tls`` config applies. The sizing
+    keywords only apply to an embedded cluster.
+    """
+    if scheduler and scheduler_file:
+        raise ParticleError("give a scheduler address or a scheduler file, not both")
+    if scheduler or scheduler_file:
+        if scheduler_file and not os.path.exists(scheduler_file):
+            raise ParticleError("scheduler file not found; is the scheduler running and the path on a "
+                                "file system shared with this node?", path=scheduler_file)
+        with distributed.Client(scheduler, scheduler_file=scheduler_file, security=security) as client:
+            log(f"Connected to Dask scheduler {client.scheduler.address} (dashboard: {client.dashboard_link})")
+            yield client
+        return
+    try:
+        active: distributed.Client | None = distributed.default_client()
+    except ValueError:
+        active = None
+    if active is not None:
+        log(f"Using the active Dask client {active.scheduler.address}")
+        yield active
+        return
+    n, threads, mem = _local_cluster_size(n_workers, threads_per_worker, memory_limit)
+    host = str(config.get("cluster.host"))
+    kwargs: dict[str, Any] = {"security": security} if security is not None else {}
+    with distributed.LocalCluster(n_workers=n, threads_per_worker=threads, memory_limit=mem, processes=True,
+                                  host=host, dashboard_address=_dashboard_address(host), **kwargs) as cluster, \
+            distributed.Client(cluster, security=security) as client:
+        limits = {w.get("memory_limit") for w in cluster.scheduler_info.get("workers", {}).values()}
+        mem_text = ", ".join(format_bytes(m) if m else "no limit" for m in limits) or str(mem)
+        log(f"Started a local Dask cluster: {n} workers x {threads} threads, {mem_text} memory each; "
+            f"dashboard: {cluster.dashboard_link or 'off'}")
+        yield client
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run cost: tasks, wall time, data volume and worker memory.
+
+    ``peak_worker_memory_bytes`` is the largest ``ru_maxrss`` (peak resident set over the
+    life of the process, read with ``client.run`` after the tasks) among the workers alive
+    at the end: it includes earlier work on reused workers and misses workers that died.
+    ``sampled_peak_rss_bytes`` is the largest worker RSS seen in the scheduler's heartbeats,
+    sampled at each progress tick during the run (it can miss short spikes).
+    """
+
+    label: str
+    n_tasks: int
+    seconds: float
+    n_workers: int
+    peak_worker_memory_bytes: int | None
+    sampled_peak_rss_bytes: int | None
+    nbytes: int | None = None
+
+    def __str__(self) -> str:
+        rate = self.n_tasks / self.seconds if self.seconds > 0 else float("inf")
+        text = f"{self.label}: {self.n_tasks} tasks in {self.seconds:.1f} s ({rate:.2f} tasks/s) on {self.n_workers} workers"
+        if self.nbytes is not None:
+            text += f", {format_bytes(self.nbytes)} ({format_bytes(int(self.nbytes / max(self.seconds, 1e-9)))}/s)"
+        mems = []
+        if self.peak_worker_memory_bytes is not None:
+            mems.append(f"peak worker memory {format_bytes(self.peak_worker_memory_bytes)} (ru_maxrss of the workers)")
+        if self.sampled_peak_rss_bytes is not None:
+            mems.append(f"highest sampled worker RSS {format_bytes(self.sampled_peak_rss_bytes)}")
+        return text + ("; " + ", ".join(mems) if mems else "") + "."
+
+
+def _maxrss_bytes() -> int:
+    """Peak resident set size of this process in bytes (ru_maxrss is in KiB on Linux)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _sample_worker_rss(client: distributed.Client) -> tuple[int, int]:
+    """(largest current worker RSS, number of workers) from the scheduler's heartbeats."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    rss = [int(w.get("metrics", {}).get("memory") or 0) for w in workers.values()]
+    return max(rss, default=0), len(rss)
+
+
+def run_tasks(client: distributed.Client, func: Callable[..., Any], args_list: list[tuple], *, label: str,
+              log: Log = print, nbytes: int | None = None) -> tuple[list, RunSummary]:
+    """Run ``func(*args)`` for each tuple in ``args_list`` as independent tasks; results in order.
+
+    Keys are deterministic (``f"{label}-{i}-{token}"``, token from func and all arguments),
+    so a task whose result is still held on the cluster is not run twice. If a worker dies,
+    the scheduler runs its tasks again elsewhere, so ``func`` must be an idempotent writer.
+    Progress shows as a live bar on a terminal, otherwise as a log line every
+    ``progress-interval`` seconds. On an error the remaining tasks are cancelled and the
+    task's exception is raised. ``nbytes`` (data volume) only feeds the summary.
+    """
+    n = len(args_list)
+    if len({len(a) for a in args_list}) > 1:
+        raise ValueError(f"{label}: all argument tuples must have the same length")
+    token = dask.base.tokenize(func, args_list)
+    keys = [f"{label}-{i}-{token}" for i in range(n)]
+    interval = float(config.get("progress-interval"))
+    live = sys.stderr.isatty()
+    t0 = time.monotonic()
+    futures = client.map(func, *map(list, zip(*args_list)), key=keys, pure=True) if n else []
+    peak_sampled, n_workers, last_line, last_sample = 0, 0, t0, -1.0
+    try:
+        while True:
+            done = sum(f.done() for f in futures)
+            now = time.monotonic()
+            if now - last_sample >= 1.0 or done == n:   # one scheduler round trip per second at most
+                rss, n_workers = _sample_worker_rss(client)
+                peak_sampled, last_sample = max(peak_sampled, rss), now
+            if any(f.status == "error" for f in futures) or done == n:
+                break
+            rate = done / (now - t0) if now > t0 else 0.0
+            if live:
+                bar = "#" * (30 * done // max(n, 1))
+                sys.stderr.write(f"\r{label} [{bar:<30}] {done}/{n} {rate:.1f} tasks/s ")
+                sys.stderr.flush()
+            elif now - last_line >= interval:
+                log(f"{label}: {done}/{n} tasks done, {rate:.2f} tasks/s, {now - t0:.0f} s")
+                last_line = now
+            time.sleep(min(0.2, interval) if interval > 0 else 0.05)
+        if live:
+            sys.stderr.write("\n")
+        results = client.gather(futures)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    seconds = time.monotonic() - t0
+    maxrss = client.run(_maxrss_bytes, on_error="return")
+    peaks = [v for v in maxrss.values() if isinstance(v, int)]
+    summary = RunSummary(label, n, seconds, max(n_workers, len(peaks)), max(peaks, default=None),
+                         peak_sampled or None, nbytes)
+    log(str(summary))
+    return results, summary

@@ -1,0 +1,229 @@
+"""Cluster layer and config tiers, on real LocalClusters (worker processes, sockets, TLS, SIGKILL).
+
+Task functions are builtins (``sum`` over a ``range``, ``operator.truediv``) so that spawned
+workers unpickle them without importing this file; ``sum(range(i, i + N))`` is a task whose
+run time grows with N and whose result is known: ``N * i + N * (N - 1) // 2``.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import dask
+import psutil
+import pytest
+import yaml
+from distributed import Client, LocalCluster
+
+from dparticles import config
+from dparticles.cluster import RunSummary, cluster_client, run_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def expected_sum(i: int, n: int) -> int:
+    return n * i + n * (n - 1) // 2
+
+
+def listening_hosts(proc: psutil.Process) -> set[str]:
+    """IP addresses on which a process has listening TCP sockets."""
+    return {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """A 2-worker LocalCluster on 127.0.0.1 that writes a scheduler file, as an HPC scheduler would."""
+    sfile = tmp_path_factory.mktemp("sched") / "scheduler.json"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0", scheduler_kwargs={"scheduler_file": str(sfile)}) as cluster:
+        yield cluster, str(sfile)
+
+
+# --- config tiers ---------------------------------------------------------------------------
+
+def test_config_tiers_keyword_beats_dask_config_beats_packaged_default():
+    packaged = yaml.safe_load(config.DEFAULTS_FILE.read_text())["dparticles"]
+    assert config.get("batch-size") == packaged["batch-size"]
+    assert config.get("zarr.codec") == packaged["zarr"]["codec"]
+    assert config.get("batch_size") == packaged["batch-size"]          # - and _ are the same key
+    with dask.config.set({"dparticles.batch-size": 123, "dparticles.zarr.level": 9}):
+        assert config.get("batch-size") == 123
+        assert config.get("batch-size", 7) == 7
+        assert config.get("zarr.level") == 9
+        assert config.get("zarr.codec") == packaged["zarr"]["codec"]   # siblings keep their defaults
+    assert config.get("batch-size") == packaged["batch-size"]
+    with pytest.raises(KeyError, match="batch-size"):
+        config.get("no-such-key")
+
+
+def test_deploy_site_config_only_uses_known_keys():
+    """deploy/dparticles.yaml must not carry typos that would be silently ignored."""
+    site = yaml.safe_load((REPO / "deploy" / "dparticles.yaml").read_text())
+    assert set(config._keys(site["dparticles"])) <= set(config._keys(config.DEFAULTS["dparticles"]))
+
+
+def test_deploy_jobqueue_profiles_make_job_scripts():
+    """The dask-jobqueue profiles in deploy/ load and render a job script for their scheduler."""
+    jq = pytest.importorskip("dask_jobqueue")
+    for name, job_cls, directive in [("slurm", jq.slurm.SLURMJob, "#SBATCH"), ("pbs", jq.pbs.PBSJob, "#PBS")]:
+        profile = yaml.safe_load((REPO / "deploy" / f"jobqueue-{name}.yaml").read_text())["jobqueue"][name]
+        with dask.config.set({f"jobqueue.{name}.{k}": v for k, v in profile.items()}):   # merged as a site file is
+            script = job_cls(scheduler="tcp://127.0.0.1:8786", name="w", python="python").job_script()
+        assert directive in script and "distributed.cli.dask_worker" in script
+
+
+# --- cluster_client --------------------------------------------------------------------------
+
+def test_embedded_cluster_listens_on_loopback_only_and_is_closed():
+    messages: list[str] = []
+    with dask.config.set({"dparticles.cluster.dashboard-address": ":0"}):     # port only: host is added
+        with cluster_client(n_workers=1, threads_per_worker=1, log=messages.append) as client:
+            cluster = client.cluster
+            assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+            workers = client.scheduler_info()["workers"]
+            assert len(workers) == 1 and all(a.startswith("tcp://127.0.0.1:") for a in workers)
+            link = urlparse(client.dashboard_link)
+            assert link.hostname == "127.0.0.1" and link.port
+            assert any(client.dashboard_link in m for m in messages), messages
+            # every listening socket, of the scheduler (this process) and of the worker processes
+            procs = [psutil.Process()] + [psutil.Process(p) for p in client.run(os.getpid).values()]
+            hosts = set().union(*(listening_hosts(p) for p in procs))
+            assert hosts == {"127.0.0.1"}, hosts
+            sched_port = int(client.scheduler.address.rsplit(":", 1)[1])
+    assert client.status == "closed" and cluster.status.name == "closed"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", sched_port), timeout=2).close()
+
+
+def test_explicit_address_and_scheduler_file_are_used_and_left_running(shared_cluster):
+    cluster, sfile = shared_cluster
+    for kwargs in ({"scheduler": cluster.scheduler_address}, {"scheduler_file": sfile}):
+        log: list[str] = []
+        with cluster_client(**kwargs, log=log.append) as client:
+            assert client.scheduler.address == cluster.scheduler_address
+            assert client.cluster is None                     # connected, nothing started
+            results, _ = run_tasks(client, operator.add, [(1, 2), (3, 4)], label="add", log=log.append)
+            assert results == [3, 7]
+        assert client.status == "closed"
+        assert cluster.status.name == "running"
+        assert "Connected to Dask scheduler" in log[0]
+
+
+def test_active_client_is_reused_and_not_closed(shared_cluster):
+    cluster, _ = shared_cluster
+    with Client(cluster) as active:
+        with cluster_client(log=lambda m: None) as client:
+            assert client is active
+        assert active.status == "running"
+        assert active.submit(operator.mul, 6, 7).result() == 42
+
+
+def test_missing_scheduler_file_is_a_clear_error(tmp_path):
+    from dparticles.errors import ParticleError
+    with pytest.raises(ParticleError, match="scheduler file not found"):
+        with cluster_client(scheduler_file=str(tmp_path / "nope.json")):
+            pass
+
+
+# --- run_tasks --------------------------------------------------------------------------------
+
+def test_run_tasks_results_in_order_with_summary_and_progress_lines(shared_cluster):
+    cluster, _ = shared_cluster
+    n = 3_000_000
+    args = [(range(i, i + n * (1 + i % 3)),) for i in range(16)]      # uneven task lengths
+    log: list[str] = []
+    with Client(cluster) as client, dask.config.set({"dparticles.progress-interval": 0.1}):
+        results, summary = run_tasks(client, sum, args, label="sums", log=log.append, nbytes=10**9)
+        assert results == [expected_sum(i, n * (1 + i % 3)) for i in range(16)]
+        assert isinstance(summary, RunSummary) and summary.n_tasks == 16 and summary.n_workers == 2
+        assert summary.seconds > 0 and summary.peak_worker_memory_bytes > 10**7
+        assert summary.sampled_peak_rss_bytes > 10**7
+        assert str(summary) == log[-1] and str(summary).startswith("sums: 16 tasks in ")
+        assert any("/16 tasks done" in m for m in log[:-1]), log          # not a TTY: progress lines
+        # deterministic keys: the same call again finds the same tasks
+        again, _ = run_tasks(client, sum, args, label="sums", log=lambda m: None)
+        assert again == results
+        empty, s0 = run_tasks(client, sum, [], label="none", log=lambda m: None)
+        assert empty == [] and s0.n_tasks == 0
+
+
+def test_run_tasks_raises_task_error_and_cancels_the_rest(shared_cluster):
+    cluster, _ = shared_cluster
+    with Client(cluster) as client:
+        with pytest.raises(ZeroDivisionError):
+            run_tasks(client, operator.truediv, [(1, 1), (1, 0), (2, 1)], label="div", log=lambda m: None)
+        with pytest.raises(ValueError, match="same length"):
+            run_tasks(client, operator.add, [(1, 2), (1,)], label="bad", log=lambda m: None)
+
+
+@pytest.mark.timeout(180)
+def test_run_tasks_survives_sigkill_of_a_worker():
+    """SIGKILL one worker process mid-run: its tasks run again elsewhere, all results arrive."""
+    n = 20_000_000                                        # about 0.2-0.4 s per task
+    args = [(range(i, i + n),) for i in range(24)]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        pids = client.run(os.getpid)
+        ours = {c.pid for c in psutil.Process().children(recursive=True)}
+        assert set(pids.values()) <= ours                 # only ever signal our own children
+        victim_addr, victim_pid = sorted(pids.items())[0]
+        killed: dict[str, int] = {}
+
+        def kill_when_busy() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                tasks = cluster.scheduler.tasks.values()
+                n_done = sum(ts.state == "memory" for ts in tasks if ts.key.startswith("kill-"))
+                if n_done >= 3 and cluster.scheduler.workers.get(victim_addr) and \
+                        cluster.scheduler.workers[victim_addr].processing:
+                    killed["done_before"] = n_done
+                    os.kill(victim_pid, signal.SIGKILL)
+                    return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
+        results, summary = run_tasks(client, sum, args, label="kill", log=lambda m: None)
+        killer.join()
+        assert "done_before" in killed and killed["done_before"] < len(args), killed
+        assert not psutil.pid_exists(victim_pid) or psutil.Process(victim_pid).status() == psutil.STATUS_ZOMBIE
+        assert results == [expected_sum(i, n) for i in range(24)]
+        assert summary.n_tasks == 24
+
+
+# --- TLS --------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_tls_scheduler_needs_the_security_object():
+    pytest.importorskip("cryptography")
+    from distributed.security import Security
+
+    sec = Security.temporary()                            # self-signed CA + cert, in memory
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0", security=sec) as cluster:
+        addr = cluster.scheduler_address
+        assert addr.startswith("tls://127.0.0.1:")
+        with cluster_client(scheduler=addr, security=sec, log=lambda m: None) as client:
+            results, _ = run_tasks(client, operator.add, [(1, 2), (5, 5)], label="tls", log=lambda m: None)
+            assert results == [3, 10]
+        with pytest.raises(TypeError, match="TLS expects"):          # no security: no TLS context
+            with cluster_client(scheduler=addr, log=lambda m: None):
+                pass
+        with pytest.raises(OSError):                                  # plain TCP to a TLS listener
+            Client(addr.replace("tls://", "tcp://"), timeout=5)
+        # TLS without a client certificate: the scheduler refuses the handshake
+        host, port = addr.removeprefix("tls://").rsplit(":", 1)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            with pytest.raises(ssl.SSLError, match="CERTIFICATE"):
+                with ctx.wrap_socket(raw) as tls:
+                    tls.recv(1)
