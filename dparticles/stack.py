@@ -58,8 +58,10 @@ def read_infos(paths: Sequence[str], threads: int = 16) -> list[StackInfo]:
     """Headers of all stacks, read concurrently (shared file systems reward many requests in flight)."""
     if len(paths) < 64:
         return [read_info(p) for p in paths]
+    size = max(16, len(paths) // (threads * 8))  # batches: one task per header costs more than the read
+    batches = [paths[i:i + size] for i in range(0, len(paths), size)]
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(read_info, paths))
+        return [info for batch in pool.map(lambda b: [read_info(p) for p in b], batches) for info in batch]
 
 
 def check_indices(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.ndarray,

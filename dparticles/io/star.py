@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shlex
+from io import StringIO
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import starfile
 
@@ -21,14 +24,104 @@ def read_star(path: str | os.PathLike) -> dict[str, pd.DataFrame | dict]:
     path = Path(path)
     if not path.is_file():
         raise ParticleError("no such STAR file", path=path)
+    as_string = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName"]
     try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=["rlnImageName", "rlnMicrographName",
-                                                                      "rlnOpticsGroupName"])
+        blocks = _read_fast(path, as_string)
+    except Exception:  # anything unusual: the reference parser decides, and words the error
+        blocks = None
+    try:
+        if blocks is None:
+            blocks = starfile.read(path, always_dict=True, parse_as_string=as_string)
     except Exception as exc:  # the parser raises many types; the user needs one message
         raise ParticleError(f"could not parse as a STAR file ({type(exc).__name__}: {exc})", path=path) from exc
     if not blocks:
         raise ParticleError("no data blocks found; expected a STAR file with a particle table", path=path)
     return blocks
+
+
+_DATA = re.compile(r"^[ \t]*data_([^\n]*)$", re.M)
+
+
+def _read_fast(path: Path, as_string: list[str]) -> dict[str, pd.DataFrame | dict]:
+    """What ``starfile.read`` returns, without its line-by-line loop: block boundaries are found by
+    one regex pass and each loop body goes to the C CSV reader in one piece (a million-row particle
+    table in about a second instead of several)."""
+    text = path.read_text(encoding="utf-8")
+    heads = list(_DATA.finditer(text))
+    blocks: dict[str, pd.DataFrame | dict] = {}
+    for k, m in enumerate(heads):
+        end = heads[k + 1].start() if k + 1 < len(heads) else len(text)
+        block = _block(text, m.end(), end, as_string)
+        if block is not None:
+            blocks[m.group(1).strip()] = block
+    return blocks
+
+
+def _block(text: str, pos: int, end: int, as_string: list[str]) -> pd.DataFrame | dict | None:
+    """One data block: a loop (DataFrame) or key-value pairs (dict), as starfile reads them."""
+    lines = iter(_lines(text, pos, end))
+    for line, _ in lines:
+        if line.startswith("loop_"):
+            break
+        if line.startswith("_"):
+            return _pairs([line] + [ln for ln, _ in lines], as_string)
+    else:
+        return None
+    columns: list[str] = []
+    body = end
+    for line, start in lines:
+        if line.startswith("_"):
+            columns.append(line.split()[0][1:])
+        elif line:
+            body = start
+            break
+    data = text[body:end]
+    if not data.strip():
+        return pd.DataFrame(np.zeros((0, len(columns))), columns=columns)
+    index = {c: i for i, c in enumerate(columns)}
+    df = pd.read_csv(StringIO(data.replace("'", '"')), sep=r"\s+", header=None, comment="#",
+                     dtype={index[c]: str for c in as_string if c in index}, keep_default_na=False,
+                     na_values=["nan", "NaN", "<NA>"], engine="c")
+    if df.shape[1] != len(columns):
+        raise ValueError("row length differs from the number of columns")
+    df.columns = columns
+    for c in columns:
+        if c in as_string:
+            continue
+        try:
+            numeric = pd.to_numeric(df[c])
+        except (ValueError, TypeError):
+            continue
+        if not numeric.isna().all():
+            df[c] = numeric
+    return df
+
+
+def _lines(text: str, pos: int, end: int):
+    """(stripped line, start offset) from ``pos`` to ``end``."""
+    while pos < end:
+        stop = text.find("\n", pos, end)
+        stop = end if stop < 0 else stop
+        yield text[pos:stop].strip(), pos
+        pos = stop + 1
+
+
+def _pairs(lines: list[str], as_string: list[str]) -> dict:
+    out: dict = {}
+    for line in lines:
+        if line.startswith("_"):
+            key, value = shlex.split(line)
+            out[key[1:]] = value if key[1:] in as_string else _number(value)
+    return out
+
+
+def _number(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def write_star(path: str | os.PathLike, blocks: dict[str, pd.DataFrame]) -> None:
