@@ -22,7 +22,7 @@ from dparticles.batching import JobResult, batch_names, float16_report, run_batc
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 from dparticles.output import prepare_output, write_metadata
-from dparticles.sinks import write_zarr
+from dparticles.sinks import check_zarr_target, write_zarr
 from dparticles.writer import Batch, Output
 
 
@@ -75,6 +75,10 @@ def downsample(source: str | os.PathLike, out: str | os.PathLike, *, crop_box: i
         raise ParticleError("nothing to do: give --crop-box, --fourier-box/--pixel-size, --lowpass or --recenter "
                             "(to copy particles unchanged, use restack)")
     shifts_px = _recenter_shifts(ds, psize) if recenter else None
+    if zarr is not None:  # before any work: no cache may replace an input or an unasked-for cache
+        for b in boxes:
+            check_zarr_target(Path(zarr) if len(boxes) == 1 else Path(zarr) / f"box{b}.zarr", ds,
+                              overwrite=overwrite)
     batch_size = int(config.get("batch-size", batch_size))
     dtype = "<f2" if float16 else "<f4"
     runs = source_runs(ds, batch_size)
@@ -99,15 +103,18 @@ def downsample(source: str | os.PathLike, out: str | os.PathLike, *, crop_box: i
     results = []
     for d, b in zip(dirs, boxes):
         updates = _metadata_updates(ds, psize * c / b, b, recenter)
-        write_metadata(d, ds, paths, indices, star=True, cs=ds.attrs.get("format") == "cryosparc", updates=updates)
+        cs = ds.attrs.get("format") == "cryosparc"
+        write_metadata(d, ds, paths, indices, star=True, cs=cs, updates=updates)
         achieved = sorted({float(p) for p in psize * c / b})
         notes = [f"box {box_in} -> " + (f"crop {c} -> " if crop else "") + f"{b}: pixel size "
                  + ", ".join(f"{p:.6g}" for p in achieved) + " Å"]
         if float16:
-            notes.append(float16_report(total, n * b * b * len(boxes)))
+            notes.append(float16_report(total, n * sum(o * o for o in boxes))  # over all sizes written
+                         + (f" (all {len(boxes)} sizes)" if len(boxes) > 1 else ""))
         if zarr is not None:
             target = Path(zarr) if len(boxes) == 1 else Path(zarr) / f"box{b}.zarr"
-            notes.append(write_zarr(open_particles(d), target, overwrite=overwrite, cluster=cluster or {},
+            written = d / ("particles.cs" if cs else "particles.star")  # .cs fields have no STAR labels
+            notes.append(write_zarr(open_particles(written), target, overwrite=overwrite, cluster=cluster or {},
                                     batch_size=batch_size, log=log))
         results.append(JobResult(d, n, len(batches), total["kept"] // len(boxes), summary, notes))
     return results

@@ -60,6 +60,15 @@ def input_files(ds: xr.Dataset) -> set[Path]:
     return files
 
 
+def refuse_inputs(out: Path, ds: xr.Dataset, flag: str = "--out") -> None:
+    """Raise ParticleError if ``out`` is, or is a folder holding, any file ``ds`` reads."""
+    resolved = Path(out).resolve()
+    for f in input_files(ds):
+        if resolved == f or resolved in f.parents:
+            what = "output folder" if flag == "--out" else f"{flag} path"
+            raise ParticleError(f"the {what} is or holds an input ({f}); choose another {flag}", path=out)
+
+
 RUN_MARKER = ".dparticles-run.json"
 
 
@@ -71,10 +80,7 @@ def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, job: str, toke
     arguments (``token``), which is then resumed; anything else is refused.
     """
     out = Path(out)
-    resolved = out.resolve()
-    for f in input_files(ds):
-        if resolved == f or resolved in f.parents:
-            raise ParticleError(f"the output folder holds an input ({f}); choose another --out", path=out)
+    refuse_inputs(out, ds)
     if out.exists() and not out.is_dir():
         raise ParticleError("output exists and is not a folder", path=out)
     if out.is_dir() and any(out.iterdir()):

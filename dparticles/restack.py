@@ -18,7 +18,7 @@ from dparticles.batching import JobResult, batch_names, float16_report, run_batc
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 from dparticles.output import prepare_output, write_metadata
-from dparticles.sinks import write_zarr
+from dparticles.sinks import check_zarr_target, write_zarr
 from dparticles.writer import Batch, Output
 
 
@@ -37,6 +37,8 @@ def restack(source: str | os.PathLike, out: str | os.PathLike | None, *, batch_s
             raise ParticleError("give an output folder, a zarr cache, or both")
         note = write_zarr(ds, Path(zarr), overwrite=overwrite, cluster=cluster or {}, batch_size=batch_size, log=log)
         return JobResult(None, ds.sizes["particle"], 0, 0, None, [note])
+    if zarr is not None:  # before any work: the cache must not replace an input or an unasked-for cache
+        check_zarr_target(Path(zarr), ds, overwrite=overwrite)
     dtype = "<f2" if float16 else None
     runs = source_runs(ds, batch_size)
     if dtype is None:

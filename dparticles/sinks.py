@@ -17,18 +17,28 @@ import zarr
 from dparticles import config
 from dparticles.cluster import cluster_client
 from dparticles.errors import ParticleError
-from dparticles.output import TMP_MARK
+from dparticles.output import TMP_MARK, refuse_inputs
 
 MAX_CHUNK_BYTES = 64 * 2**20  # a batch larger than this is stored as several chunks
+
+
+def check_zarr_target(path: Path, ds: xr.Dataset, *, overwrite: bool) -> None:
+    """Refuse a cache path that is or holds an input of ``ds``, that exists without ``overwrite``, or
+    that is something other than a zarr cache (which ``overwrite`` would delete)."""
+    path = Path(path)
+    refuse_inputs(path, ds, "--zarr")
+    if path.exists() and not overwrite:
+        raise ParticleError("zarr cache exists; use --overwrite to replace it", path=path)
+    if path.exists() and not any((path / m).is_file() for m in ("zarr.json", ".zgroup")):
+        raise ParticleError("exists and is not a zarr cache; --overwrite replaces only a zarr cache, choose "
+                            "another --zarr", path=path)
 
 
 def write_zarr(ds: xr.Dataset, path: Path, *, overwrite: bool, cluster: dict, batch_size: int | None = None,
                log=print) -> str:
     """Write ``ds`` (images and metadata) as a zarr store at ``path``, atomically; return a summary."""
     path = Path(path)
-    if path.exists():
-        if not overwrite:
-            raise ParticleError("zarr cache exists; use --overwrite to replace it", path=path)
+    check_zarr_target(path, ds, overwrite=overwrite)
     image_bytes = ds["images"].dtype.itemsize * ds.sizes["y"] * ds.sizes["x"]
     chunk = min(int(config.get("batch-size", batch_size)), max(1, MAX_CHUNK_BYTES // image_bytes))
     out = ds.drop_vars([v for v in ("image_path", "stack_id", "stack_path", "stack_images", "stack_bytes")

@@ -245,7 +245,6 @@ def test_float16_range_error_names_the_particle(tmp_path, capsys, value):
     assert "particle 6" in err and "float16" in err and "float32" in err, err
     assert not (tmp_path / "out" / "particles.star").exists()
     assert not (tmp_path / "out" / "stacks" / "batch_000001.mrcs").exists()  # the batch holding particle 6
-    assert not list((tmp_path / "out").rglob(f"*{TMP_MARK}*"))
     # without --float16 the same set restacks (float32 holds it)
     assert main(["restack", str(star), "--out", str(tmp_path / "out32"), "--batch-size", "3"]) == 0
 
@@ -259,7 +258,7 @@ def test_refuses_an_output_folder_holding_inputs(real, tmp_path, capsys):
     for out in (project, project / "Extract", project / "Select" / "job010", project / "Extract" / "job007" / "Movies"):
         code = main(["restack", str(star), "--out", str(out), "--overwrite"])
         _, err = capsys.readouterr()
-        assert code == 1 and "holds an input" in err, (out, err)
+        assert code == 1 and "is or holds an input" in err, (out, err)
     assert file_state([p for p in project.rglob("*") if p.is_file()]) == before
 
 
@@ -399,9 +398,17 @@ def test_full_file_system_gives_a_clear_error_and_no_partial_batch(real, tmp_pat
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("mounting a tmpfs is not permitted here")
+    cmd = ["restack", real / SELECT, "--out", mnt / "out", "--batch-size", "10", "--n-workers", "1"]
     try:
-        done = run_cli(["restack", real / SELECT, "--out", mnt / "out", "--batch-size", "10", "--n-workers", "1"])
+        done = run_cli(cmd)
         files = {p: p.stat().st_size for p in (mnt / "out").rglob("*") if p.is_file()}
+        # with room made, the same command finishes the job (temporaries of the failed run removed)
+        subprocess.run(["mount", "-o", "remount,size=40m", str(mnt)], check=True)
+        again = run_cli(cmd)
+        assert again.returncode == 0, again.stderr
+        assert star_images(mnt / "out" / "particles.star").tobytes() == \
+            star_images(real / SELECT, real / RIBO).tobytes()
+        assert not [p for p in (mnt / "out").rglob("*") if TMP_MARK in p.name]
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
     assert done.returncode == 1, done.stderr
@@ -412,7 +419,6 @@ def test_full_file_system_gives_a_clear_error_and_no_partial_batch(real, tmp_pat
     batches = {p: s for p, s in files.items() if p.name.startswith("batch_")}
     assert batches, "expected some batches to fit"
     assert all(s == HEADER_BYTES + 10 * 128 * 128 * 4 for s in batches.values())
-    assert not any(TMP_MARK in p.name for p in files)
     assert not any(p.name == "particles.star" for p in files)
 
 
@@ -465,3 +471,30 @@ def test_zarr_cache_of_a_cs_input_keeps_all_its_metadata(real, tmp_path):
     restack(tmp_path / "c.zarr", tmp_path / "again", batch_size=3, log=quiet)
     again = np.load(tmp_path / "again" / "particles.cs")
     np.testing.assert_array_equal(again["uid"], np.load(src)["uid"])
+
+
+def test_zarr_cache_may_not_replace_an_input(real, tmp_path, capsys):
+    """``--zarr`` naming a folder of inputs (or an input) is refused before anything is written, even
+    with ``--overwrite`` (which would otherwise delete the input stacks to put the cache there)."""
+    project = copy_project(real, tmp_path / "project")
+    star = project / "Select" / "job010" / "particles.star"
+    (project / "Notes").mkdir()
+    (project / "Notes" / "todo.txt").write_text("keep me")
+    before = file_state([p for p in project.rglob("*") if p.is_file()])
+    targets = {project / "Extract" / "job007": "--zarr path is or holds an input", star: "is or holds an input",
+               project / "Extract" / "job007" / "particles.star": "not a zarr cache",  # not read, but not a cache
+               project / "Notes": "not a zarr cache"}
+    for target, message in targets.items():
+        for command in ("restack", "downsample"):
+            extra = ["--fourier-box", "64"] if command == "downsample" else []
+            code = main([command, str(star), "--out", str(tmp_path / f"out_{command}"), "--zarr", str(target),
+                         "--overwrite", *extra])
+            _, err = capsys.readouterr()
+            assert code == 1 and message in err, (target, err)
+            assert not (tmp_path / f"out_{command}").exists()
+    assert file_state([p for p in project.rglob("*") if p.is_file()]) == before
+    # an existing cache is refused up front too, before any batch is written
+    restack(star, None, zarr=tmp_path / "c.zarr", log=quiet)
+    with pytest.raises(ParticleError, match="--overwrite"):
+        restack(star, tmp_path / "out", zarr=tmp_path / "c.zarr", log=quiet)
+    assert not (tmp_path / "out").exists()
