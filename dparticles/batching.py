@@ -14,6 +14,7 @@ from dask.base import tokenize
 from dparticles.cluster import RunSummary, cluster_client, run_tasks
 from dparticles.errors import ParticleError
 from dparticles.io.mrc import StackInfo
+from dparticles.output import remove_temporaries
 from dparticles.planning import chunk_bounds, plan_runs
 from dparticles.io.zarr_cache import ZarrSource
 from dparticles.stack import read_infos
@@ -80,6 +81,9 @@ def run_batches(batches: list[Batch], *, label: str, cluster: dict, log=print) -
     with cluster_client(**cluster, log=log) as client:
         results, summary = run_tasks(client, write_batch, [(b,) for b in batches], label=label, log=log,
                                      nbytes=nbytes)
+    # a worker killed mid-batch leaves its temporary file; the scheduler wrote that batch again elsewhere
+    for folder in {Path(o.path).parent for b in batches for o in b.outputs}:
+        remove_temporaries(folder)
     total = {"n": sum(r["n"] for r in results), "kept": sum(r["kept"] for r in results),
              "bytes": sum(r["bytes"] for r in results), "f16_max": max((r["f16_max"] for r in results), default=0.0),
              "f16_sq": sum(r["f16_sq"] for r in results)}

@@ -4,6 +4,9 @@ Start SLURM first (``eval "$(bash .ci/slurm.sh start)"`` exports SLURM_CONF). Wi
 tests are skipped with the reason. Everything listens on the loopback interface.
 Functions run through ``slurm_client`` must be importable by the workers, which are fresh
 Python processes started by SLURM: builtins or functions of the installed dparticles package.
+
+The cluster lives for the tests of this folder only (package scope): its worker jobs hold every
+CPU of the one-node SLURM cluster and are cancelled before the rest of the test run.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ def slurm_available() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def slurm_cluster(slurm_available, tmp_path_factory) -> Iterator[object]:
-    """SLURMCluster kept at N_JOBS single-core worker jobs in partition 'debug'.
+    """SLURMCluster kept at N_JOBS single-core worker jobs in partition 'debug', closed (its jobs
+    cancelled) after the last test of tests/hpc.
 
     ``adapt(minimum_jobs=N, maximum_jobs=N)`` rather than ``scale``: a worker job that is
     cancelled (pre-empted) is then replaced.
