@@ -9,6 +9,7 @@ dask-jobqueue or inside a batch allocation, reached by address or scheduler file
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import sys
@@ -96,8 +97,10 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
     n, threads, mem = _local_cluster_size(n_workers, threads_per_worker, memory_limit)
     host = str(config.get("cluster.host"))
     kwargs: dict[str, Any] = {"security": security} if security is not None else {}
+    # workers log a failed task with its traceback; the job reports the error once, clearly
     with distributed.LocalCluster(n_workers=n, threads_per_worker=threads, memory_limit=mem, processes=True,
-                                  host=host, dashboard_address=_dashboard_address(host), **kwargs) as cluster, \
+                                  host=host, dashboard_address=_dashboard_address(host),
+                                  silence_logs=logging.CRITICAL, **kwargs) as cluster, \
             distributed.Client(cluster, security=security) as client:
         limits = {w.get("memory_limit") for w in cluster.scheduler_info.get("workers", {}).values()}
         mem_text = ", ".join(format_bytes(m) if m else "no limit" for m in limits) or str(mem)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +23,9 @@ TMP_MARK = ".dparticles-tmp"
 
 
 def tmp_name(path: Path) -> Path:
-    """The temporary name a file is written under before it is renamed into place."""
-    return path.with_name(f"{path.name}{TMP_MARK}-{os.getpid()}")
+    """The temporary name a file is written under before it is renamed into place: unique per host
+    and process, so workers on different nodes of a shared file system never share one."""
+    return path.with_name(f"{path.name}{TMP_MARK}-{socket.gethostname()}-{os.getpid()}")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
