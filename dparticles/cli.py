@@ -87,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
                       help="Fourier crop to the even box nearest this pixel size (Å); several allowed")
     p.add_argument("--lowpass", type=float, help="lowpass corner resolution (Å); raised-cosine edge 2 shells wide")
     p.add_argument("--recenter", action="store_true", help="shift each particle by its aligned shift (3D, else 2D)")
+    p.add_argument("--micrograph-pixel-size", type=float,
+                   help="pixel size (Å) of the micrographs the picking coordinates refer to, for --recenter, "
+                        "when the metadata does not give it (particles extracted with rescaling)")
     p.add_argument("--batch-size", type=int, help="particles per output stack (default: dparticles.batch-size)")
     _output_options(p)
     _open_options(p, pixel_size=False)
@@ -132,6 +135,7 @@ def _run(a: argparse.Namespace) -> int:
         from dparticles.downsample import downsample
         for result in downsample(a.input, a.out, crop_box=a.crop_box, fourier_box=a.fourier_box,
                                  pixel_size=a.target_pixel_size, lowpass=a.lowpass, recenter=a.recenter,
+                                 micrograph_pixel_size=a.micrograph_pixel_size,
                                  float16=a.float16, batch_size=a.batch_size, zarr=a.zarr, overwrite=a.overwrite,
                                  cluster=_cluster_kwargs(a), **_open_kwargs(a)):
             print(result)

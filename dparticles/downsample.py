@@ -53,13 +53,16 @@ class Transform:
 def downsample(source: str | os.PathLike, out: str | os.PathLike, *, crop_box: int | None = None,
                fourier_box: int | list[int] | None = None, pixel_size: float | list[float] | None = None,
                lowpass: float | None = None, recenter: bool = False, float16: bool = False,
-               batch_size: int | None = None, zarr: str | os.PathLike | None = None, overwrite: bool = False,
-               cluster: dict | None = None, log=print, **open_options) -> list[JobResult]:
+               micrograph_pixel_size: float | None = None, batch_size: int | None = None,
+               zarr: str | os.PathLike | None = None, overwrite: bool = False, cluster: dict | None = None,
+               log=print, **open_options) -> list[JobResult]:
     """Downsample ``source`` into ``out`` (one folder per size when several are asked for).
 
     ``fourier_box`` or ``pixel_size`` (target, Å; the nearest even box is used and the achieved
     pixel size reported) may be one value or several; give at most one of the two. ``lowpass``
     is a corner resolution in Å (raised cosine two shells wide, see :func:`kernels.downsample`).
+    ``micrograph_pixel_size`` (Å) converts recentring shifts into picking-coordinate pixels when the
+    metadata does not say it (``rlnMicrographPixelSize`` / ``location/micrograph_psize_A``).
     """
     if fourier_box is not None and pixel_size is not None:
         raise ParticleError("give --fourier-box or --pixel-size, not both")
@@ -102,7 +105,7 @@ def downsample(source: str | os.PathLike, out: str | os.PathLike, *, crop_box: i
     indices = np.concatenate([np.arange(b.n) for b in batches])
     results = []
     for d, b in zip(dirs, boxes):
-        updates = _metadata_updates(ds, psize * c / b, b, recenter)
+        updates = _metadata_updates(ds, psize * c / b, b, recenter, micrograph_pixel_size, log)
         cs = ds.attrs.get("format") == "cryosparc"
         write_metadata(d, ds, paths, indices, star=True, cs=cs, updates=updates)
         achieved = sorted({float(p) for p in psize * c / b})
@@ -154,11 +157,12 @@ def _recenter_shifts(ds: xr.Dataset, psize: np.ndarray) -> np.ndarray:
     return np.stack([ds["shift_x"].values / psize, ds["shift_y"].values / psize], axis=1)
 
 
-def _metadata_updates(ds: xr.Dataset, new_psize: np.ndarray, box: int, recenter: bool) -> dict:
+def _metadata_updates(ds: xr.Dataset, new_psize: np.ndarray, box: int, recenter: bool,
+                      micrograph_pixel_size: float | None, log) -> dict:
     """New pixel size and box; after recentring, zero origins and coordinates moved by the shift."""
     updates: dict = {"pixel_size": new_psize, "box": np.full(ds.sizes["particle"], box, dtype=np.int64)}
     if recenter:
-        mic_psize = _micrograph_pixel_size(ds)
+        mic_psize = _micrograph_pixel_size(ds, micrograph_pixel_size, log)
         for axis in "xy":
             shift = ds[f"shift_{axis}"].values
             if f"coord_{axis}" in ds.coords:
@@ -167,11 +171,18 @@ def _metadata_updates(ds: xr.Dataset, new_psize: np.ndarray, box: int, recenter:
     return updates
 
 
-def _micrograph_pixel_size(ds: xr.Dataset) -> np.ndarray:
-    """Pixel size of the micrographs the coordinates refer to: RELION's rlnMicrographPixelSize or
-    CryoSPARC's location/micrograph_psize_A where given, else the particles' own pixel size
-    (extraction without rescaling)."""
+def _micrograph_pixel_size(ds: xr.Dataset, override: float | None, log) -> np.ndarray:
+    """Pixel size of the micrographs the coordinates refer to: the override, else RELION's
+    rlnMicrographPixelSize or CryoSPARC's location/micrograph_psize_A, else (said in the log) the
+    particles' own pixel size, which is right only for particles extracted without rescaling."""
+    if override is not None:
+        if not override > 0:
+            raise ParticleError(f"micrograph pixel size must be greater than 0 Å, got {override}")
+        return np.full(ds.sizes["particle"], float(override))
     for name in ("star_optics:rlnMicrographPixelSize", "star:rlnMicrographPixelSize", "cs:location.micrograph_psize_A"):
         if name in ds.coords:
             return ds[name].values.astype(np.float64)
+    if "coord_x" in ds.coords:
+        log("note: the metadata gives no micrograph pixel size, so recentred coordinates assume the particles' "
+            "own pixel size (extraction without rescaling); give --micrograph-pixel-size if they were rescaled")
     return ds["pixel_size"].values.astype(np.float64)

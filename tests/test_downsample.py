@@ -200,6 +200,25 @@ def test_recentring_brings_an_off_centre_particle_to_the_box_centre(tmp_path, bo
         np.testing.assert_allclose(_centroid(plain), out_box // 2 - origins * out_box / box, atol=0.01)
 
 
+def test_micrograph_pixel_size_given_moves_coordinates_in_micrograph_pixels(tmp_path):
+    """Particles extracted with rescaling (2.8 Å particles from 0.7 Å micrographs): the coordinate moves
+    by the origin in micrograph pixels, and a log note warns when that pixel size had to be guessed."""
+    origins = np.array([[4.0, -2.0], [1.0, 3.0]])
+    images = _blobs(32, np.array([[16, 16]]) - origins)
+    coords = np.array([[1000.0, 2000.0], [1500.0, 300.0]])
+    star = _set(tmp_path / "in", images, 2.8, origins_px=origins, coords=coords)
+    notes: list[str] = []
+    downsample(star, tmp_path / "given", recenter=True, micrograph_pixel_size=0.7, log=notes.append)
+    assert not any("micrograph pixel size" in n for n in notes)
+    t = star_tables(tmp_path / "given" / "particles.star")["particles"]
+    np.testing.assert_allclose(t["rlnCoordinateX"], coords[:, 0] - origins[:, 0] * 4, rtol=1e-12)
+    np.testing.assert_allclose(t["rlnCoordinateY"], coords[:, 1] - origins[:, 1] * 4, rtol=1e-12)
+    downsample(star, tmp_path / "guessed", recenter=True, log=notes.append)
+    assert any("--micrograph-pixel-size" in n for n in notes)
+    with pytest.raises(ParticleError, match="micrograph pixel size"):
+        downsample(star, tmp_path / "bad", recenter=True, micrograph_pixel_size=-1.0, log=quiet)
+
+
 def test_centred_particle_stays_centred_for_odd_and_even_boxes(tmp_path):
     for box, outs in ((64, [32, 33, 31, 48]), (63, [32, 31, 21])):
         images = _blobs(box, np.array([[box // 2, box // 2]] * 2))
