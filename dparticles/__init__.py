@@ -1,14 +1,29 @@
 """dparticles: lazy, chunked cryo-EM particle stacks on Dask.
 
-The public Python API, which the command line and the notebooks use.
+The public Python API, which the command line and the notebooks use. Names are imported on first
+use, so that dask workers, which only need ``dparticles.writer``, start without loading the rest.
 """
 
-from dparticles.dataset import open_particles, table
-from dparticles.downsample import downsample
-from dparticles.errors import ParticleError
-from dparticles.importer import import_particles
-from dparticles.info import describe
-from dparticles.restack import restack
+from importlib import import_module
 
-__all__ = ["ParticleError", "describe", "downsample", "import_particles", "open_particles", "restack", "table"]
+_API = {
+    "ParticleError": "dparticles.errors",
+    "describe": "dparticles.jobs.info",
+    "downsample": "dparticles.jobs.downsample",
+    "import_particles": "dparticles.jobs.importer",
+    "open_particles": "dparticles.dataset",
+    "restack": "dparticles.jobs.restack",
+    "table": "dparticles.dataset",
+}
+__all__ = sorted(_API)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'dparticles' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -115,24 +115,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(a: argparse.Namespace) -> int:
     if a.command == "import":
-        from dparticles.importer import import_particles
+        from dparticles.jobs.importer import import_particles
         result = import_particles(a.input, a.out, exposures=a.exposures, trim_prefix=a.trim_prefix,
                                   trim_suffix=a.trim_suffix, keep_unmatched=a.keep_unmatched,
                                   overwrite=a.overwrite, ignore_raw=a.ignore_raw, **_open_kwargs(a))
         print(result)
     elif a.command == "info":
         from dparticles.dataset import open_particles
-        from dparticles.info import describe, format_text
+        from dparticles.jobs.info import describe, format_text
         info = describe(open_particles(a.input, ignore_raw=a.ignore_raw, **_open_kwargs(a)))
         print(json.dumps(info, indent=1) if a.json else format_text(info))
     elif a.command == "restack":
-        from dparticles.restack import restack
+        from dparticles.jobs.restack import restack
         if a.out is None and a.zarr is None:
             raise ParticleError("give --out (stacks), --zarr (cache), or both")
         print(restack(a.input, a.out, batch_size=a.batch_size, float16=a.float16, zarr=a.zarr,
                       overwrite=a.overwrite, cluster=_cluster_kwargs(a), **_open_kwargs(a)))
     elif a.command == "downsample":
-        from dparticles.downsample import downsample
+        from dparticles.jobs.downsample import downsample
         for result in downsample(a.input, a.out, crop_box=a.crop_box, fourier_box=a.fourier_box,
                                  pixel_size=a.target_pixel_size, lowpass=a.lowpass, recenter=a.recenter,
                                  micrograph_pixel_size=a.micrograph_pixel_size,

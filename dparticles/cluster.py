@@ -82,7 +82,8 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
         if scheduler_file and not os.path.exists(scheduler_file):
             raise ParticleError("scheduler file not found; is the scheduler running and the path on a "
                                 "file system shared with this node?", path=scheduler_file)
-        with distributed.Client(scheduler, scheduler_file=scheduler_file, security=security) as client:
+        with distributed.Client(scheduler, scheduler_file=scheduler_file, security=security,
+                                set_as_default=False) as client, client.as_current():
             log(f"Connected to Dask scheduler {client.scheduler.address} (dashboard: {client.dashboard_link})")
             yield client
         return
@@ -101,7 +102,7 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
     with distributed.LocalCluster(n_workers=n, threads_per_worker=threads, memory_limit=mem, processes=True,
                                   host=host, dashboard_address=_dashboard_address(host),
                                   silence_logs=logging.CRITICAL, **kwargs) as cluster, \
-            distributed.Client(cluster, security=security) as client:
+            distributed.Client(cluster, security=security, set_as_default=False) as client, client.as_current():
         limits = {w.get("memory_limit") for w in cluster.scheduler_info.get("workers", {}).values()}
         mem_text = ", ".join(format_bytes(m) if m else "no limit" for m in limits) or str(mem)
         log(f"Started a local Dask cluster: {n} workers x {threads} threads, {mem_text} memory each; "

@@ -16,11 +16,11 @@ import pandas as pd
 
 from dparticles.cluster import cluster_client
 from dparticles.dataset import open_particles
-from dparticles.downsample import downsample
-from dparticles.importer import import_particles
-from dparticles.info import describe, format_text
+from dparticles.jobs.downsample import downsample
+from dparticles.jobs.importer import import_particles
+from dparticles.jobs.info import describe, format_text
 from dparticles.io.star import write_star
-from dparticles.restack import restack
+from dparticles.jobs.restack import restack
 
 PIXEL_SIZE = 1.5  # Å
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -15,18 +14,10 @@ import xarray as xr
 
 from dparticles.dataset import table
 from dparticles.errors import ParticleError
+from dparticles.io.files import TMP_MARK, tmp_name
 from dparticles.io.cs import write_cs
 from dparticles.io.star import write_star
 from dparticles.metadata import image_names, to_cs, to_star
-
-TMP_MARK = ".dparticles-tmp"
-
-
-def tmp_name(path: Path) -> Path:
-    """The temporary name a file is written under before it is renamed into place: unique per host
-    and process, so workers on different nodes of a shared file system never share one."""
-    return path.with_name(f"{path.name}{TMP_MARK}-{socket.gethostname()}-{os.getpid()}")
-
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` then rename tmp to ``path``; on any failure remove tmp and re-raise.

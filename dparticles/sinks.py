@@ -17,7 +17,8 @@ import zarr
 from dparticles import config
 from dparticles.cluster import cluster_client
 from dparticles.errors import ParticleError
-from dparticles.output import TMP_MARK, refuse_inputs
+from dparticles.io.files import TMP_MARK
+from dparticles.output import refuse_inputs
 
 MAX_CHUNK_BYTES = 64 * 2**20  # a batch larger than this is stored as several chunks
 

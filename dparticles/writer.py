@@ -17,7 +17,7 @@ import numpy as np
 
 from dparticles.errors import ParticleError
 from dparticles.io.mrc import HEADER_BYTES, StackInfo, read_info, read_runs, stack_header
-from dparticles.output import tmp_name
+from dparticles.io.files import tmp_name
 from dparticles.planning import split_runs
 
 FLOAT16_MAX = 65504.0

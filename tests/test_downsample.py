@@ -21,7 +21,7 @@ from helpers import image_names, make_stack, optics_table, read_direct, simple_s
 from dparticles import kernels
 from dparticles.cli import main
 from dparticles.dataset import open_particles
-from dparticles.downsample import downsample
+from dparticles.jobs.downsample import downsample
 from dparticles.errors import ParticleError
 from dparticles.io.cs import write_cs
 from dparticles.metadata import logmap, matrix_from_euler

@@ -13,7 +13,7 @@ from helpers import make_stack, simple_set, write_star
 from dparticles.cli import main
 from dparticles.dataset import open_particles, table
 from dparticles.errors import ParticleError
-from dparticles.importer import exposure_key, import_particles
+from dparticles.jobs.importer import exposure_key, import_particles
 
 SELECT = "relion31_sim_ribo70S_b128/Select/job010/particles.star"
 META = ["micrograph", "coord_x", "coord_y", "defocus_u", "defocus_v", "defocus_angle", "phase_shift", "voltage",

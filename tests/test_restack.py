@@ -26,11 +26,10 @@ from helpers import image_names, make_stack, optics_table, read_direct, write_st
 
 from dparticles.cli import main
 from dparticles.dataset import open_particles, table
-from dparticles.downsample import downsample
+from dparticles.jobs.downsample import downsample
 from dparticles.errors import ParticleError
-from dparticles.io.cs import write_cs
 from dparticles.io.mrc import HEADER_BYTES
-from dparticles.restack import restack
+from dparticles.jobs.restack import restack
 
 RIBO = "relion31_sim_ribo70S_b128"
 SELECT = f"{RIBO}/Select/job010/particles.star"

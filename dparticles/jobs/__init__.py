@@ -1,0 +1,1 @@
+"""The jobs: Import Particle Stack, Restack, Downsample, and info. Each is one function of the public API."""
