@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,10 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import make_stack, simple_set, write_star  # noqa: E402
-
-REAL = Path(os.environ.get("DPARTICLES_REAL_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-                           / "real"))
+from helpers import REAL, make_stack, simple_set, write_star  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +17,7 @@ def real() -> Path:
     """The folder of real test inputs (../shared/data/real beside the repository); read only."""
     if not (REAL / "README.md").is_file():
         pytest.skip(f"real test data not found at {REAL} (expected ../shared/data/real beside the repository, "
-                    "or set DPARTICLES_REAL_DATA)")
+                    "or set DPARTICLES_TEST_DATA)")
     return REAL
 
 

@@ -3,6 +3,7 @@ and direct reads of stacks with mrcfile for comparison."""
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -11,6 +12,18 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
+
+
+def find_real_data() -> Path:
+    """The folder of real test inputs: $DPARTICLES_TEST_DATA, else ``shared/data/real`` beside the
+    repository (as the project's machines and CI lay it out), else the first candidate (missing)."""
+    candidates = [Path(os.environ["DPARTICLES_TEST_DATA"])] if os.environ.get("DPARTICLES_TEST_DATA") else []
+    repo = Path(__file__).resolve().parent.parent
+    candidates += [repo.parent / "shared" / "data" / "real", Path("/work/shared/data/real")]
+    return next((c for c in candidates if (c / "README.md").is_file()), candidates[0])
+
+
+REAL = find_real_data()
 
 def make_stack(path: str | Path, n: int, box: int | tuple[int, int] = 16, dtype=np.float32,
                seed: int = 0) -> np.ndarray:

@@ -10,7 +10,6 @@ Tests that run RELION programs are marked ``relion`` and skipped when they are n
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import warnings
@@ -20,9 +19,11 @@ import mrcfile
 import numpy as np
 import pytest
 
+from helpers import REAL
+
 from dparticles.kernels import crop_pad, downsample, fourier_box_for_pixel_size
 
-DATA = Path(os.environ.get("DPARTICLES_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "real"))
+DATA = REAL
 RIBO = DATA / "relion31_sim_ribo70S_b128" / "Extract" / "job007" / "Movies"
 RIBO_STACK = RIBO / "20240311_FoilHole_0012_fractions.mrcs"  # 6 images, 128 px, 2.80 Å
 RELION31_STACK = DATA / "cryodrgn" / "relion31" / "relion31.mrcs"  # 5 images, 256 px, 2.806 Å
