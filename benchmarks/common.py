@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dparticles.planning import split_runs
+
 BOX = 256
 PER_STACK = 160
 PIXEL_SIZE = 1.0  # Å
@@ -283,20 +285,6 @@ def _runs(star: Path) -> list[tuple[str, int, int]]:
     return [tuple(r) for r in runs]
 
 
-def _batches(runs: list[tuple[str, int, int]], batch: int) -> list[list[tuple[str, int, int]]]:
-    out, room = [[]], batch
-    for path, a, b in runs:
-        while a < b:
-            if room == 0:
-                out.append([])
-                room = batch
-            take = min(room, b - a)
-            out[-1].append((path, a, a + take))
-            a += take
-            room -= take
-    return out
-
-
 def copy_loop(star: Path, out: Path, batch: int, fsync: bool) -> dict:
     """Reference: the particles' bytes moved with os.copy_file_range, one output file per batch
     (header from dparticles' stack_header, so the files are valid stacks like dparticles')."""
@@ -306,7 +294,7 @@ def copy_loop(star: Path, out: Path, batch: int, fsync: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n = 0
-    for k, piece in enumerate(_batches(runs, batch)):
+    for k, piece in enumerate(split_runs(runs, batch)):  # the same batches as the job's
         count = sum(b - a for _, a, b in piece)
         with open(out / f"batch_{k:06d}.mrcs", "wb") as f:
             f.write(stack_header(count, BOX, np.dtype("<f4"), PIXEL_SIZE, "copy loop"))
