@@ -58,7 +58,8 @@ def make_demo_data(folder: str | Path, *, n_micrographs: int = 8, per_micrograph
     selected = particles[particles["rlnClassNumber"] <= 7].reset_index(drop=True)
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnVoltage": [300.0],
                            "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
-                           "rlnImagePixelSize": [PIXEL_SIZE], "rlnImageSize": [box], "rlnImageDimensionality": [2]})
+                           "rlnImagePixelSize": [PIXEL_SIZE], "rlnMicrographPixelSize": [PIXEL_SIZE],
+                           "rlnImageSize": [box], "rlnImageDimensionality": [2]})
     write_star(folder / "Select" / "particles.star", {"optics": optics, "particles": selected})
     return folder / "Select" / "particles.star"
 
