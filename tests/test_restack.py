@@ -29,6 +29,7 @@ from dparticles.dataset import open_particles, table
 from dparticles.jobs.downsample import downsample
 from dparticles.errors import ParticleError
 from dparticles.io.mrc import HEADER_BYTES
+from dparticles.jobs.info import describe
 from dparticles.jobs.restack import restack
 
 RIBO = "relion31_sim_ribo70S_b128"
@@ -441,6 +442,11 @@ def test_zarr_round_trip_and_jobs_from_the_cache(real, tmp_path):
         assert {k: z.attrs[k] for k in ("format", "pose")} == {k: ds.attrs[k] for k in ("format", "pose")}
     only = open_particles(tmp_path / "only.zarr")
     assert list(only["image_name"].values) == list(ds["image_name"].values)
+    # info on a cache: every particle stored is in use; the bytes on disk are the compressed store's
+    info = describe(only)
+    assert (info["n_particles"], info["particles_on_disk"], info["n_stacks"]) == (284, 284, 0)
+    assert info["bytes_in_use"] == 284 * 128 * 128 * 4
+    assert 0 < info["bytes_on_disk"] == sum(f.stat().st_size for f in (tmp_path / "only.zarr").rglob("*") if f.is_file())
     # restack from the cache: the same stacks and metadata as from the STAR file
     restack(tmp_path / "c.zarr", tmp_path / "again", batch_size=100, log=quiet)
     for a, b in zip(sorted((tmp_path / "out" / "stacks").iterdir()), sorted((tmp_path / "again" / "stacks").iterdir())):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -26,8 +28,13 @@ def describe(ds: xr.Dataset) -> dict:
     info["pixel_size"] = sizes[0] if len(sizes) == 1 else {str(g["optics_group"]): g.get("pixel_size") for g in groups}
     info["optics_groups"] = groups
     info["box"] = int(p["box"].iloc[0]) if "box" in p and p["box"].nunique() == 1 else None
-    if "images" in ds:
-        image_bytes = ds["images"].dtype.itemsize * ds.sizes["y"] * ds.sizes["x"]
+    image_bytes = ds["images"].dtype.itemsize * ds.sizes["y"] * ds.sizes["x"] if "images" in ds else 0
+    if "images" in ds and "zarr" in ds.attrs:  # a zarr cache holds exactly the particles in use, compressed
+        stored = sum(f.stat().st_size for f in Path(ds.attrs["zarr"]).rglob("*") if f.is_file())
+        info |= {"format": f"zarr cache of {info['format']} metadata", "n_stacks": 0,
+                 "dtype": str(ds["images"].dtype), "particles_on_disk": n, "bytes_in_use": int(n * image_bytes),
+                 "bytes_on_disk": int(stored), "stacks": []}
+    elif "images" in ds:
         in_use = np.bincount(ds["stack_id"].values, minlength=ds.sizes["stack"])
         info |= {"n_stacks": ds.sizes["stack"], "dtype": str(ds["images"].dtype),
                  "particles_on_disk": int(ds["stack_images"].sum()),
