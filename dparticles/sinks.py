@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 import zarr
 
@@ -45,9 +46,9 @@ def write_zarr(ds: xr.Dataset, path: Path, *, overwrite: bool, cluster: dict, ba
     out = ds.drop_vars([v for v in ("image_path", "stack_id", "stack_path", "stack_images", "stack_bytes")
                         if v in ds.variables])
     out = out.assign(images=out["images"].chunk({"particle": chunk}))
-    for name, coord in out.coords.items():
+    for name, coord in out.coords.items():  # text as variable-length UTF-8 strings, zarr v3's "string"
         if coord.dtype == object:
-            out = out.assign_coords({name: coord.astype(str)})
+            out = out.assign_coords({name: coord.astype(np.dtypes.StringDType())})
     compressor = zarr.codecs.BloscCodec(cname=str(config.get("zarr.codec")), clevel=int(config.get("zarr.level")),
                                         shuffle=zarr.codecs.BloscShuffle.shuffle)
     encoding = {"images": {"compressors": [compressor], "chunks": (chunk, ds.sizes["y"], ds.sizes["x"])}}
@@ -55,7 +56,7 @@ def write_zarr(ds: xr.Dataset, path: Path, *, overwrite: bool, cluster: dict, ba
     shutil.rmtree(tmp, ignore_errors=True)
     out.attrs = {k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float, bool))}
     try:
-        delayed = out.to_zarr(tmp, mode="w", encoding=encoding, compute=False, consolidated=True)
+        delayed = out.to_zarr(tmp, mode="w", encoding=encoding, compute=False, consolidated=False)
         with cluster_client(**cluster, log=log) as client:
             client.compute(delayed).result()
         if path.exists():

@@ -15,7 +15,7 @@ from dparticles.errors import ParticleError
 def open_zarr(path: Path) -> xr.Dataset:
     """Open a zarr cache written by :func:`write_zarr` (images lazily, as dask)."""
     try:
-        ds = xr.open_zarr(path, consolidated=None)
+        ds = xr.open_zarr(path, consolidated=False)
     except Exception as exc:
         raise ParticleError(f"could not open as a dparticles zarr cache ({exc})", path=path) from exc
     if "images" not in ds:
@@ -23,7 +23,7 @@ def open_zarr(path: Path) -> xr.Dataset:
     coords = {}
     for name, coord in ds.coords.items():
         values = coord.values  # metadata is small: load it, leave the images lazy
-        coords[name] = (coord.dims, values.astype(object) if values.dtype.kind == "U" else values)
+        coords[name] = (coord.dims, values.astype(object) if values.dtype.kind in "UT" else values)
     ds = ds.assign_coords(coords)
     ds.attrs["source"] = str(Path(path).resolve())
     ds.attrs["zarr"] = str(Path(path).resolve())
