@@ -9,7 +9,7 @@ stream the batch in pieces of bounded size.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from dparticles.io.files import tmp_name
 from dparticles.planning import split_runs
 
 FLOAT16_MAX = 65504.0
+VERIFY_BYTES = 16 * 2**20  # bytes compared at a time when checking a kept batch
 PIECE_BYTES = 8 * 2**20  # images decoded at once inside a batch; small enough for the CPU caches
 # (benchmarks/README.md: downsample tasks ran about 1.5x faster than with 32 MB pieces)
 
@@ -54,7 +55,7 @@ class Batch:
 def write_batch(batch: Batch) -> dict:
     """Write (or keep, after checking) the batch's output files; return what was done and the
     float16 rounding error (max and sum of squares against float32)."""
-    if all(_complete(o, batch) for o in batch.outputs):
+    if all(_header_matches(o, batch) for o in batch.outputs) and _content_matches(batch):
         return {"kept": True, "n": batch.n, "bytes": 0, "f16_max": 0.0, "f16_sq": 0.0}
     tmps = [Path(tmp_name(Path(o.path))) for o in batch.outputs]
     stats = {"kept": False, "n": batch.n, "bytes": 0, "f16_max": 0.0, "f16_sq": 0.0}
@@ -138,13 +139,22 @@ def _copy_range(src: int, dst: int, length: int, src_off: int, dst_off: int) -> 
 
 
 def _stream(batch: Batch, files, stats: dict) -> None:
-    """Read the batch in pieces, transform, convert and append each output."""
+    """Append each piece of each output to its file."""
+    for arrays in _pieces(batch, stats):
+        for f, data in zip(files, arrays):
+            f.write(data.data)
+            stats["bytes"] += data.nbytes
+
+
+def _pieces(batch: Batch, stats: dict) -> Iterator[list[np.ndarray]]:
+    """The batch read in pieces of bounded size, transformed and converted: for each piece, one
+    little-endian array per output, exactly as it is written."""
     info0 = batch.runs[0][0]
     per_piece = max(1, PIECE_BYTES // (info0.ny * info0.nx * 4))
+    first_dtype = batch.outputs[0].dtype
+    decode = "<f4" if batch.transform is not None or first_dtype == "<f2" else first_dtype
     row = 0
     for piece in split_runs(list(batch.runs), per_piece):
-        first_dtype = batch.outputs[0].dtype
-        decode = "<f4" if batch.transform is not None or first_dtype == "<f2" else first_dtype
         images = _read(piece, decode)
         n = len(images)
         shifts = batch.shifts[row:row + n] if batch.shifts is not None else None
@@ -152,10 +162,9 @@ def _stream(batch: Batch, files, stats: dict) -> None:
             results = batch.transform(images, shifts, batch.pixel_sizes[row:row + n])
         else:
             results = [images]
-        for o, f, data in zip(batch.outputs, files, results):
-            out = _convert(data, np.dtype(o.dtype), batch.first + row, stats)
-            f.write(np.ascontiguousarray(out, dtype=np.dtype(o.dtype).newbyteorder("<")).data)
-            stats["bytes"] += out.nbytes
+        yield [np.ascontiguousarray(_convert(data, np.dtype(o.dtype), batch.first + row, stats),
+                                    dtype=np.dtype(o.dtype).newbyteorder("<"))
+               for o, data in zip(batch.outputs, results)]
         row += n
 
 
@@ -184,23 +193,38 @@ def _convert(data: np.ndarray, dtype: np.dtype, first: int, stats: dict) -> np.n
     return half
 
 
-def _complete(o: Output, batch: Batch) -> bool:
-    """A batch file left by an earlier run is kept only if its header and size are exactly what this
-    run would write and, for byte copies, its first and last images equal the source's."""
+def _header_matches(o: Output, batch: Batch) -> bool:
+    """A batch file left by an earlier run has exactly the header and size this run would write."""
     if not os.path.exists(o.path):
         return False
     try:
         info = read_info(o.path)
     except ParticleError:
         return False
-    ok = (info.n == batch.n and info.ny == info.nx == o.box and np.dtype(info.dtype) == np.dtype(o.dtype)
-          and info.offset == HEADER_BYTES and os.path.getsize(o.path) == HEADER_BYTES + info.n * info.image_bytes)
-    if ok and _can_copy(batch):
-        first = read_runs([(batch.runs[0][0], batch.runs[0][1], batch.runs[0][1] + 1)])
-        last_info, _, last_stop = batch.runs[-1]
-        last = read_runs([(last_info, last_stop - 1, last_stop)])
-        mine = read_runs([(info, 0, 1), (info, info.n - 1, info.n)])
-        ok = mine[0].tobytes() == first[0].tobytes() and mine[1].tobytes() == last[0].tobytes()
-    if not ok:
-        os.unlink(o.path)
-    return ok
+    return (info.n == batch.n and info.ny == info.nx == o.box and np.dtype(info.dtype) == np.dtype(o.dtype)
+            and info.offset == HEADER_BYTES and os.path.getsize(o.path) == HEADER_BYTES + info.n * info.image_bytes)
+
+
+def _content_matches(batch: Batch) -> bool:
+    """The pixels of a batch left by an earlier run are what this run would write: for byte copies
+    every byte is compared with the sources; for transforms the first piece is computed again and
+    compared (the rest was written by the same code from the same inputs, and the file was renamed
+    into place only when complete)."""
+    if _can_copy(batch):
+        with open(batch.outputs[0].path, "rb") as out:
+            pos = HEADER_BYTES
+            for info, start, stop in batch.runs:
+                with open(info.path, "rb") as src:
+                    offset, left = info.offset + start * info.image_bytes, (stop - start) * info.image_bytes
+                    while left:
+                        step = min(left, VERIFY_BYTES)
+                        if os.pread(src.fileno(), step, offset) != os.pread(out.fileno(), step, pos):
+                            return False
+                        offset, pos, left = offset + step, pos + step, left - step
+        return True
+    first = next(_pieces(batch, {"f16_max": 0.0, "f16_sq": 0.0}))
+    for o, data in zip(batch.outputs, first):
+        with open(o.path, "rb") as f:
+            if os.pread(f.fileno(), data.nbytes, HEADER_BYTES) != data.tobytes():
+                return False
+    return True
