@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from itertools import groupby
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -78,8 +79,9 @@ def read_runs(runs: Sequence[tuple[StackInfo, int, int]], dtype: str | None = No
     """Read images ``[start, stop)`` of each stack in turn and return them concatenated, in native
     byte order (converted to ``dtype`` when given, for sets whose stacks differ in mode).
 
-    Each stack is opened by path as an mrcfile memory map, the run is copied out, and the map is
-    closed, so nothing mapped outlives the call (safe inside dask tasks).
+    Each stack is opened by path as an mrcfile memory map, once for all its consecutive runs, the
+    runs are copied out, and the map is closed, so nothing mapped outlives the call (safe inside
+    dask tasks).
     """
     if not runs:
         raise ValueError("no runs to read")
@@ -87,7 +89,7 @@ def read_runs(runs: Sequence[tuple[StackInfo, int, int]], dtype: str | None = No
     total = sum(stop - start for _, start, stop in runs)
     out = np.empty((total, first.ny, first.nx), dtype=np.dtype(dtype or first.dtype).newbyteorder("="))
     pos = 0
-    for info, start, stop in runs:
+    for info, group in groupby(runs, key=lambda run: run[0]):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with mrcfile.mmap(info.path, mode="r", permissive=True) as mrc:
@@ -95,9 +97,10 @@ def read_runs(runs: Sequence[tuple[StackInfo, int, int]], dtype: str | None = No
                 if data is None:  # mrcfile could not interpret the header; fall back to our own reading
                     data = _raw_map(info)
                 data = data.reshape(-1, info.ny, info.nx)
-                out[pos:pos + stop - start] = data[start:stop]
+                for _, start, stop in group:
+                    out[pos:pos + stop - start] = data[start:stop]
+                    pos += stop - start
                 del data
-        pos += stop - start
     return out
 
 
