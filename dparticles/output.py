@@ -115,8 +115,3 @@ def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices:
         atomic_write(out / "particles.star", lambda tmp: write_star(tmp, blocks))
         written.append(out / "particles.star")
     return written
-
-
-def relative_names(paths: list[str], out: Path) -> list[str]:
-    """Paths as written in the metadata: relative to the output folder, POSIX separators."""
-    return [Path(os.path.relpath(p, out)).as_posix() for p in paths]
