@@ -162,7 +162,7 @@ def _pieces(batch: Batch, stats: dict) -> Iterator[list[np.ndarray]]:
             results = batch.transform(images, shifts, batch.pixel_sizes[row:row + n])
         else:
             results = [images]
-        yield [np.ascontiguousarray(_convert(data, np.dtype(o.dtype), batch.first + row, stats),
+        yield [np.ascontiguousarray(_convert(data, np.dtype(o.dtype), batch.first + row, stats, piece),
                                     dtype=np.dtype(o.dtype).newbyteorder("<"))
                for o, data in zip(batch.outputs, results)]
         row += n
@@ -175,7 +175,8 @@ def _read(piece: list[tuple], dtype: str) -> np.ndarray:
     return np.concatenate([src.read(a, b) for src, a, b in piece]).astype(dtype, copy=False)
 
 
-def _convert(data: np.ndarray, dtype: np.dtype, first: int, stats: dict) -> np.ndarray:
+def _convert(data: np.ndarray, dtype: np.dtype, first: int, stats: dict, piece: list[tuple]) -> np.ndarray:
+    """``data`` in the output mode; for float16, range-checked first, with the rounding error kept."""
     if dtype != np.float16:
         return data.astype(dtype, copy=False)
     flat = data.reshape(len(data), -1)
@@ -183,14 +184,25 @@ def _convert(data: np.ndarray, dtype: np.dtype, first: int, stats: dict) -> np.n
     over = np.flatnonzero(~(peak <= FLOAT16_MAX))
     if len(over):
         k = int(over[0])
-        raise ParticleError(f"a value of magnitude {peak[k]:.6g} does not fit in float16 (largest "
-                            f"{FLOAT16_MAX:g}); write float32 instead", particle=first + k + 1)
+        source, image = _source_of(piece, k)
+        raise ParticleError(f"a value of magnitude {peak[k]:.6g} (from image {image + 1} of {source}) does not "
+                            f"fit in float16, whose largest is {FLOAT16_MAX:g}; write float32 instead",
+                            particle=first + k + 1)
     half = data.astype(np.float16)
     err = half.astype(np.float32)
     err -= data
     stats["f16_max"] = max(stats["f16_max"], float(err.max()), float(-err.min()))
     stats["f16_sq"] += float(np.square(err, out=err).sum(dtype=np.float64))
     return half
+
+
+def _source_of(piece: list[tuple], k: int) -> tuple[str, int]:
+    """Where the k-th image of a piece comes from: (stack or cache path, 0-based index)."""
+    for src, start, stop in piece:
+        if k < stop - start:
+            return src.path, start + k
+        k -= stop - start
+    raise IndexError(k)
 
 
 def _header_matches(o: Output, batch: Batch) -> bool:

@@ -243,6 +243,7 @@ def test_float16_range_error_names_the_particle(tmp_path, capsys, value):
     _, err = capsys.readouterr()
     assert code == 1
     assert "particle 6" in err and "float16" in err and "float32" in err, err
+    assert f"image 7 of {tmp_path / 's.mrcs'}" in err, err
     assert not (tmp_path / "out" / "particles.star").exists()
     assert not (tmp_path / "out" / "stacks" / "batch_000001.mrcs").exists()  # the batch holding particle 6
     # without --float16 the same set restacks (float32 holds it)
