@@ -82,6 +82,7 @@ def from_star(blocks: dict, path: Path) -> Table:
         optics = pd.DataFrame([optics])
     out = pd.DataFrame(index=star.index)
     version = "3.1" if optics is not None else "3.0"
+    detector: dict[str, np.ndarray] = {}  # 3.0-style pixel size inputs found in an optics table
 
     if "rlnImageName" in star:
         out["image_name"], out["image_index"] = _split_image_names(star["rlnImageName"], path)
@@ -115,19 +116,18 @@ def from_star(blocks: dict, path: Path) -> Table:
                 out[name] = values
             elif label == DOSE_LABEL:
                 out["dose"] = values
-            elif label == "rlnDetectorPixelSize" or label == "rlnMagnification":
-                out[f"star_optics:{label}"] = values
+            elif label in ("rlnDetectorPixelSize", "rlnMagnification"):
+                detector[label] = values
             elif label not in _STAR_OPTICS_DERIVED:
                 out[f"star_optics:{label}"] = values
     elif "optics_group" in out and "pixel_size" not in out and "rlnDetectorPixelSize" not in star:
         version = "3.1"  # rlnOpticsGroup without data_optics: a 3.1 file missing its optics table
 
     # pixel size from detector pixel (µm) and magnification when not given directly (3.0)
-    det = star.get("rlnDetectorPixelSize", out.get("star_optics:rlnDetectorPixelSize"))
-    mag = star.get("rlnMagnification", out.get("star_optics:rlnMagnification"))
+    det = star.get("rlnDetectorPixelSize", detector.get("rlnDetectorPixelSize"))
+    mag = star.get("rlnMagnification", detector.get("rlnMagnification"))
     if "pixel_size" not in out and det is not None and mag is not None:
         out["pixel_size"] = 1e4 * np.asarray(det, dtype=np.float64) / np.asarray(mag, dtype=np.float64)
-    out = out.drop(columns=["star_optics:rlnDetectorPixelSize", "star_optics:rlnMagnification"], errors="ignore")
 
     # pixel-valued origins (3.0 convention; also seen inside 3.1 files): to Å
     for axis in "XY":
@@ -140,7 +140,7 @@ def from_star(blocks: dict, path: Path) -> Table:
 
     for label in star.columns:
         if label not in _STAR_PARTICLE and label not in _STAR_PARTICLE_DERIVED and label not in _STAR_OPTICS \
-                and label not in {"rlnDetectorPixelSize", "rlnMagnification", "rlnImageDimensionality"}:
+                and label not in _STAR_OPTICS_DERIVED:
             out[f"star:{label}"] = star[label].to_numpy()
 
     for col in ("optics_group", "class_number", "box"):
