@@ -11,6 +11,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
+import starfile
 
 
 
@@ -47,6 +48,21 @@ def read_direct(path: str | Path) -> np.ndarray:
         with mrcfile.open(path, mode="r", permissive=True) as mrc:
             data = np.array(mrc.data)
     return data.reshape(-1, data.shape[-2], data.shape[-1])
+
+
+def star_images(star: Path, root: Path | None = None) -> np.ndarray:
+    """The images a STAR file names, in its order, read with mrcfile alone (paths under ``root``,
+    default the STAR file's folder)."""
+    root = root or star.parent
+    names = starfile.read(star, always_dict=True)["particles"]["rlnImageName"].astype(str)
+    stacks: dict[str, np.ndarray] = {}
+    out = []
+    for name in names:
+        idx, path = name.split("@", 1)
+        if path not in stacks:
+            stacks[path] = read_direct(root / path)
+        out.append(stacks[path][int(idx) - 1])
+    return np.stack(out)
 
 
 def _loop(name: str, df: pd.DataFrame, sep: str = " ") -> str:

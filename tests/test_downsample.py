@@ -16,7 +16,7 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
-from helpers import image_names, make_stack, optics_table, read_direct, simple_set, write_star
+from helpers import image_names, make_stack, optics_table, read_direct, simple_set, star_images, write_star
 
 from dparticles import kernels
 from dparticles.cli import main
@@ -45,15 +45,7 @@ def quiet(*_args) -> None:
 
 def out_images(folder: Path) -> np.ndarray:
     """The images ``folder/particles.star`` names, in its order, read with mrcfile alone."""
-    names = starfile.read(folder / "particles.star", always_dict=True)["particles"]["rlnImageName"].astype(str)
-    stacks: dict[str, np.ndarray] = {}
-    out = []
-    for name in names:
-        idx, path = name.split("@", 1)
-        if path not in stacks:
-            stacks[path] = read_direct(folder / path)
-        out.append(stacks[path][int(idx) - 1])
-    return np.stack(out)
+    return star_images(folder / "particles.star")
 
 
 def in_images(star: Path) -> np.ndarray:

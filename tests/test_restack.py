@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
-from helpers import image_names, make_stack, optics_table, read_direct, write_star
+from helpers import image_names, make_stack, optics_table, read_direct, star_images, write_star
 
 from dparticles.cli import main
 from dparticles.dataset import open_particles, table
@@ -56,21 +56,6 @@ def run_cli(args: list, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "dparticles.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
-
-
-def star_images(star: Path, root: Path | None = None) -> np.ndarray:
-    """The images a STAR file names, in its order, read with mrcfile alone (paths under ``root``,
-    default the STAR file's folder)."""
-    root = root or star.parent
-    names = starfile.read(star, always_dict=True)["particles"]["rlnImageName"].astype(str)
-    stacks: dict[str, np.ndarray] = {}
-    out = []
-    for name in names:
-        idx, path = name.split("@", 1)
-        if path not in stacks:
-            stacks[path] = read_direct(root / path)
-        out.append(stacks[path][int(idx) - 1])
-    return np.stack(out)
 
 
 def assert_same_metadata(a: Path, b: Path, *, except_columns=("rlnImageName",)) -> None:
