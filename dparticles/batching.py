@@ -17,7 +17,7 @@ from dparticles.io.mrc import StackInfo
 from dparticles.output import remove_temporaries
 from dparticles.planning import chunk_bounds, plan_runs
 from dparticles.io.zarr_cache import ZarrSource
-from dparticles.stack import read_infos
+from dparticles.stack import stack_infos
 from dparticles.writer import Batch, write_batch
 
 
@@ -49,10 +49,7 @@ def source_runs(ds: xr.Dataset, batch_size: int) -> list[tuple[int, tuple[tuple[
     if "zarr" in ds.attrs:  # a zarr cache: each batch reads one slice of the cache
         src = ZarrSource(ds.attrs["zarr"], ds.sizes["y"], ds.sizes["x"], np.dtype(ds["images"].dtype).str)
         return [(int(a), ((src, int(a), int(b)),)) for a, b in zip(bounds[:-1], bounds[1:])]
-    infos = read_infos(list(ds["stack_path"].values.astype(str)))
-    for info, n in zip(infos, ds["stack_images"].values):
-        if info.n != n:
-            raise ParticleError(f"stack changed since it was opened: it held {n} images, now {info.n}", path=info.path)
+    infos = stack_infos(ds)
     plan = plan_runs(ds["stack_id"].values, ds["image_index"].values, bounds)
     return [(int(first), tuple((infos[s], a, b) for s, a, b in runs)) for first, runs in zip(bounds[:-1], plan)]
 

@@ -3,7 +3,7 @@
 ``images`` (particle, y, x) is a dask array over the source stacks; every metadata column of
 :mod:`dparticles.metadata` is a coordinate along ``particle``, plus ``image_path`` (the resolved
 stack) and ``stack_id``, which indexes the ``stack`` dimension (``stack_path``, ``stack_images``,
-``stack_bytes``: every source stack as its header describes it). Opening reads metadata and stack headers only, never pixel data.
+``stack_offset``, ``stack_dtype``: every source stack as its header describes it). Opening reads metadata and stack headers only, never pixel data.
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks
                           stack_id=("particle", stack_ids.astype(np.int64)),
                           stack_path=("stack", np.array(paths, dtype=object)),
                           stack_images=("stack", np.array([i.n for i in infos], dtype=np.int64)),
-                          stack_bytes=("stack", np.array([i.n * i.image_bytes for i in infos], dtype=np.int64)))
+                          stack_offset=("stack", np.array([i.offset for i in infos], dtype=np.int64)),
+                          stack_dtype=("stack", np.array([i.dtype for i in infos], dtype=object)))
     ds["images"] = (("particle", "y", "x"), images)
     return ds
 

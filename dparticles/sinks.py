@@ -43,8 +43,7 @@ def write_zarr(ds: xr.Dataset, path: Path, *, overwrite: bool, cluster: dict, ba
     check_zarr_target(path, ds, overwrite=overwrite)
     image_bytes = ds["images"].dtype.itemsize * ds.sizes["y"] * ds.sizes["x"]
     chunk = min(int(config.get("batch-size", batch_size)), max(1, MAX_CHUNK_BYTES // image_bytes))
-    out = ds.drop_vars([v for v in ("image_path", "stack_id", "stack_path", "stack_images", "stack_bytes")
-                        if v in ds.variables])
+    out = ds.drop_vars([v for v in ds.variables if "stack" in ds[v].dims or v in ("image_path", "stack_id")])
     out = out.assign(images=out["images"].chunk({"particle": chunk}))
     for name, coord in out.coords.items():  # text as variable-length UTF-8 strings, zarr v3's "string"
         if coord.dtype == object:

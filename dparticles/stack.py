@@ -82,6 +82,13 @@ def check_indices(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np
                                 "square particle images", path=metadata_path, particle=row + 1)
 
 
+def stack_infos(ds) -> list[StackInfo]:
+    """The source stacks of an opened dataset as their headers described them at opening (no I/O)."""
+    return [StackInfo(path=str(p), n=int(n), ny=ds.sizes["y"], nx=ds.sizes["x"], dtype=str(d), offset=int(o))
+            for p, n, d, o in zip(ds["stack_path"].values, ds["stack_images"].values, ds["stack_dtype"].values,
+                                  ds["stack_offset"].values)]
+
+
 def lazy_images(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.ndarray,
                 chunk: int) -> da.Array:
     """A dask array (particle, y, x) in metadata order, ``chunk`` particles per chunk.

@@ -38,7 +38,9 @@ def describe(ds: xr.Dataset) -> dict:
         in_use = np.bincount(ds["stack_id"].values, minlength=ds.sizes["stack"])
         info |= {"n_stacks": ds.sizes["stack"], "dtype": str(ds["images"].dtype),
                  "particles_on_disk": int(ds["stack_images"].sum()),
-                 "bytes_in_use": int(n * image_bytes), "bytes_on_disk": int(ds["stack_bytes"].sum()),
+                 "bytes_in_use": int(n * image_bytes), "bytes_on_disk": int(sum(n * np.dtype(d).itemsize for n, d in zip(ds["stack_images"].values,
+                                                                                   ds["stack_dtype"].values))
+                                      * ds.sizes["y"] * ds.sizes["x"]),
                  "stacks": [{"path": str(path), "in_use": int(k), "on_disk": int(m)} for path, k, m in
                             zip(ds["stack_path"].values, in_use, ds["stack_images"].values)]}
     else:
