@@ -97,21 +97,16 @@ def _marker(out: Path) -> dict | None:
 
 
 def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices: np.ndarray | None,
-                   *, star: bool = True, cs: bool = False, updates: dict | None = None) -> list[Path]:
-    """Write ``particles.star`` (and ``particles.cs``) in ``out`` for the particles of ``ds``, whose
-    images are now at ``paths`` (relative to ``out``) / ``indices`` (0-based). ``updates`` replaces
-    canonical columns (new pixel size, box, shifts...). Written last, atomically."""
+                   *, cs: bool = False, updates: dict | None = None) -> None:
+    """Write ``particles.star`` (and ``particles.cs`` when ``cs``) in ``out`` for the particles of
+    ``ds``, whose images are now at ``paths`` (relative to ``out``) / ``indices`` (0-based).
+    ``updates`` replaces canonical columns (new pixel size, box, shifts...). Written last, atomically."""
     particles = table(ds).drop(columns=["image_path", "stack_id", "image_name", "image_index"], errors="ignore")
     for name, values in (updates or {}).items():
         particles[name] = values
-    written = []
     if cs:
         data = to_cs(particles, paths, indices, ds.attrs.get("pose", "none"))
         atomic_write(out / "particles.cs", lambda tmp: write_cs(tmp, data))
-        written.append(out / "particles.cs")
-    if star:
-        names = image_names(indices, paths) if paths is not None else None
-        blocks = to_star(particles, names)
-        atomic_write(out / "particles.star", lambda tmp: write_star(tmp, blocks))
-        written.append(out / "particles.star")
-    return written
+    names = image_names(indices, paths) if paths is not None else None
+    blocks = to_star(particles, names)
+    atomic_write(out / "particles.star", lambda tmp: write_star(tmp, blocks))

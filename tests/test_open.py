@@ -229,7 +229,7 @@ def test_odd_but_valid_star_layouts(tmp_path, variant):
 def _roundtrip(ds, out: Path):
     out.mkdir()
     paths = np.array([Path(os.path.relpath(p, out)).as_posix() for p in ds["image_path"].values], dtype=object)
-    write_metadata(out, ds, paths, ds["image_index"].values, star=True, cs=True)
+    write_metadata(out, ds, paths, ds["image_index"].values, cs=True)
     return open_particles(out / "particles.star"), open_particles(out / "particles.cs")
 
 

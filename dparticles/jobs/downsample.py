@@ -83,7 +83,7 @@ def downsample(source: str | os.PathLike, out: str | os.PathLike, *, crop_box: i
     for d, b in zip(dirs, boxes):
         updates = _metadata_updates(ds, psize * c / b, b, recenter, micrograph_pixel_size, log)
         cs = ds.attrs.get("format") == "cryosparc"
-        write_metadata(d, ds, paths, indices, star=True, cs=cs, updates=updates)
+        write_metadata(d, ds, paths, indices, cs=cs, updates=updates)
         achieved = sorted({float(p) for p in psize * c / b})
         notes = [f"box {box_in} -> " + (f"crop {c} -> " if crop else "") + f"{b}: pixel size "
                  + ", ".join(f"{p:.6g}" for p in achieved) + " Å"]

@@ -52,7 +52,7 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
         n_stacks = len(links)
         paths = np.array([links[p] for p in ds["stack_path"].values], dtype=object)[ds["stack_id"].values]
         indices = ds["image_index"].values
-    write_metadata(out_dir, ds, paths, indices, star=True, cs=True)
+    write_metadata(out_dir, ds, paths, indices, cs=True)
     return ImportResult(Path(out), ds.sizes["particle"], n_stacks, matched, unmatched)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
 from dparticles.dataset import table
@@ -85,10 +84,4 @@ def _num(v) -> str:
 
 def _plain(v):
     """numpy scalars to plain Python for JSON."""
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    if isinstance(v, (np.bool_,)):
-        return bool(v)
-    return v if not isinstance(v, pd.Timestamp) else str(v)
+    return v.item() if isinstance(v, np.generic) else v

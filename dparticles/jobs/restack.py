@@ -57,7 +57,7 @@ def restack(source: str | os.PathLike, out: str | os.PathLike | None, *, batch_s
     paths = np.repeat(np.array(names, dtype=object), [b.n for b in batches])
     indices = np.concatenate([np.arange(b.n) for b in batches])
     cs = ds.attrs.get("format") == "cryosparc"
-    write_metadata(out_dir, ds, paths, indices, star=True, cs=cs)
+    write_metadata(out_dir, ds, paths, indices, cs=cs)
     notes = [float16_report(total, n * ds.sizes["x"] * ds.sizes["y"])] if float16 else []
     if zarr is not None:  # from the metadata of the input's kind (.cs fields have no STAR labels)
         written = out_dir / ("particles.cs" if cs else "particles.star")
