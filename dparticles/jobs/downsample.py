@@ -20,8 +20,9 @@ from dparticles import config, kernels
 from dparticles.batching import JobResult, batch_names, float16_report, run_batches, source_runs, source_token
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
-from dparticles.output import prepare_output, write_metadata
-from dparticles.sinks import check_zarr_target, write_zarr
+from dparticles.jobs.results import write_results
+from dparticles.output import prepare_output
+from dparticles.sinks import check_zarr_target
 from dparticles.transforms import Transform
 from dparticles.writer import Batch, Output
 
@@ -54,10 +55,11 @@ def downsample(source: str | os.PathLike, out: str | os.PathLike, *, crop_box: i
         raise ParticleError("nothing to do: give --crop-box, --fourier-box/--pixel-size, --lowpass or --recenter "
                             "(to copy particles unchanged, use restack)")
     shifts_px = _recenter_shifts(ds, psize) if recenter else None
-    if zarr is not None:  # before any work: no cache may replace an input or an unasked-for cache
-        for b in boxes:
-            check_zarr_target(Path(zarr) if len(boxes) == 1 else Path(zarr) / f"box{b}.zarr", ds,
-                              overwrite=overwrite)
+    zarrs = [None] * len(boxes) if zarr is None else \
+        [Path(zarr)] if len(boxes) == 1 else [Path(zarr) / f"box{b}.zarr" for b in boxes]
+    for target in zarrs:  # before any work: no cache may replace an input or an unasked-for cache
+        if target is not None:
+            check_zarr_target(target, ds, overwrite=overwrite)
     batch_size = int(config.get("batch-size", batch_size))
     dtype = "<f2" if float16 else "<f4"
     runs = source_runs(ds, batch_size)
@@ -77,24 +79,17 @@ def downsample(source: str | os.PathLike, out: str | os.PathLike, *, crop_box: i
                for (first, r), name in zip(runs, names)]
     total, summary = run_batches(batches, label="downsample", cluster=cluster or {}, log=log)
     n = ds.sizes["particle"]
-    paths = np.repeat(np.array(names, dtype=object), [b.n for b in batches])
-    indices = np.concatenate([np.arange(b.n) for b in batches])
     results = []
-    for d, b in zip(dirs, boxes):
-        updates = _metadata_updates(ds, psize * c / b, b, recenter, micrograph_pixel_size, log)
-        cs = ds.attrs.get("format") == "cryosparc"
-        write_metadata(d, ds, paths, indices, cs=cs, updates=updates)
+    for d, b, target in zip(dirs, boxes, zarrs):
         achieved = sorted({float(p) for p in psize * c / b})
         notes = [f"box {box_in} -> " + (f"crop {c} -> " if crop else "") + f"{b}: pixel size "
                  + ", ".join(f"{p:.6g}" for p in achieved) + " Å"]
         if float16:
             notes.append(float16_report(total, n * sum(o * o for o in boxes))  # over all sizes written
                          + (f" (all {len(boxes)} sizes)" if len(boxes) > 1 else ""))
-        if zarr is not None:
-            target = Path(zarr) if len(boxes) == 1 else Path(zarr) / f"box{b}.zarr"
-            written = d / ("particles.cs" if cs else "particles.star")  # .cs fields have no STAR labels
-            notes.append(write_zarr(open_particles(written), target, overwrite=overwrite, cluster=cluster or {},
-                                    batch_size=batch_size, log=log))
+        notes += write_results(d, ds, batches, names, zarr=target, overwrite=overwrite, cluster=cluster or {},
+                               batch_size=batch_size, log=log,
+                               updates=_metadata_updates(ds, psize * c / b, b, recenter, micrograph_pixel_size, log))
         results.append(JobResult(d, n, len(batches), total["kept"] // len(boxes), summary, notes))
     return results
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 from dask.base import tokenize
 
 from dparticles import config
 from dparticles.batching import JobResult, batch_names, float16_report, run_batches, source_runs, source_token
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
-from dparticles.output import prepare_output, write_metadata
+from dparticles.jobs.results import write_results
+from dparticles.output import prepare_output
 from dparticles.sinks import check_zarr_target, write_zarr
 from dparticles.writer import Batch, Output
 
@@ -54,13 +54,7 @@ def restack(source: str | os.PathLike, out: str | os.PathLike | None, *, batch_s
                for (first, r), name in zip(runs, names)]
     total, summary = run_batches(batches, label="restack", cluster=cluster or {}, log=log)
     n = ds.sizes["particle"]
-    paths = np.repeat(np.array(names, dtype=object), [b.n for b in batches])
-    indices = np.concatenate([np.arange(b.n) for b in batches])
-    cs = ds.attrs.get("format") == "cryosparc"
-    write_metadata(out_dir, ds, paths, indices, cs=cs)
     notes = [float16_report(total, n * ds.sizes["x"] * ds.sizes["y"])] if float16 else []
-    if zarr is not None:  # from the metadata of the input's kind (.cs fields have no STAR labels)
-        written = out_dir / ("particles.cs" if cs else "particles.star")
-        notes.append(write_zarr(open_particles(written), Path(zarr), overwrite=overwrite, cluster=cluster or {},
-                                batch_size=batch_size, log=log))
+    notes += write_results(out_dir, ds, batches, names, zarr=zarr, overwrite=overwrite, cluster=cluster or {},
+                           batch_size=batch_size, log=log)
     return JobResult(out_dir, n, len(batches), total["kept"], summary, notes)
