@@ -74,7 +74,7 @@ def run_batches(batches: list[Batch], *, label: str, cluster: dict, log=print) -
     for b in batches:
         for o in b.outputs:
             Path(o.path).parent.mkdir(parents=True, exist_ok=True)
-    nbytes = sum(b.n * info.image_bytes for b in batches for info in [b.runs[0][0]])
+    nbytes = sum(b.n * b.runs[0][0].image_bytes for b in batches)  # bytes read
     with cluster_client(**cluster, log=log) as client:
         results, summary = run_tasks(client, write_batch, [(b,) for b in batches], label=label, log=log,
                                      nbytes=nbytes)
