@@ -1,0 +1,268 @@
+"""Lazy image transforms on an opened particle Dataset: Dataset in, Dataset out, nothing read.
+
+Each function checks its arguments first (raising :class:`ParticleError` before any graph is
+built), then returns a new Dataset whose ``images`` is one ``blockwise`` call of
+:func:`kernels.downsample` (or :func:`kernels.crop_pad`) over the input's particle chunks, float32,
+and whose metadata already say what the images now are: ``pixel_size = psize * C / b`` in float64
+(``C`` the box after the real-space crop, ``b`` the output box), ``box``, and after recentring zero
+shifts and picking coordinates moved by ``- shift / micrograph_pixel_size``. Every other coordinate
+and attribute of the input is kept, so the result still names its source stacks.
+
+:func:`downsample` does a crop, Fourier crop, lowpass and recentring in one Fourier pass per image;
+asked for several sizes it returns one Dataset per size, all derived from ONE read and ONE forward
+FFT per image (computed together, e.g. ``dask.compute(a.images, b.images)``, they share them).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from dparticles import kernels
+from dparticles.errors import ParticleError
+
+__all__ = ["crop", "downsample", "fourier_crop", "lowpass", "recenter"]
+
+# micrograph pixel size for recentred coordinates, best evidence first (see CONVENTIONS.md)
+MICROGRAPH_PIXEL_SIZE = ("star_optics:rlnMicrographPixelSize", "star:rlnMicrographPixelSize",
+                         "cs:location.micrograph_psize_A", "star_optics:rlnMicrographOriginalPixelSize",
+                         "star:rlnMicrographOriginalPixelSize")
+_LISTS = (list, tuple, np.ndarray)
+
+
+def crop(ds: xr.Dataset, box: int) -> xr.Dataset:
+    """Real-space crop or pad to ``box`` (centred as RELION centres, padding with each image's mean).
+
+    The pixel size is unchanged; ``box`` is updated. See :func:`kernels.crop_pad`.
+    """
+    return downsample(ds, crop_box=box)
+
+
+def fourier_crop(ds: xr.Dataset, box: int | Sequence[int] | None = None, *,
+                 pixel_size: float | Sequence[float] | None = None) -> xr.Dataset | list[xr.Dataset]:
+    """Fourier-crop (or pad) to ``box``, or to the even box nearest to the target ``pixel_size`` (Å).
+
+    Give one of the two; a list gives a list of Datasets sharing one read and FFT per image.
+    """
+    if box is None and pixel_size is None:
+        raise ParticleError("give a Fourier box or a target pixel size to Fourier-crop to")
+    return downsample(ds, fourier_box=box, pixel_size=pixel_size)
+
+
+def lowpass(ds: xr.Dataset, resolution: float) -> xr.Dataset:
+    """Lowpass at ``resolution`` Å (RELION's raised cosine two shells wide, see :func:`kernels.downsample`).
+
+    Each particle is filtered with its own pixel size (optics groups may differ).
+    """
+    return downsample(ds, lowpass=resolution)
+
+
+def recenter(ds: xr.Dataset, *, micrograph_pixel_size: float | None = None) -> xr.Dataset:
+    """Shift each image by its origin (an exact Fourier phase ramp): shifts become zero and the
+    picking coordinates move by ``- shift / micrograph_pixel_size`` (see :func:`downsample`)."""
+    return downsample(ds, recenter=True, micrograph_pixel_size=micrograph_pixel_size)
+
+
+def downsample(ds: xr.Dataset, *, crop_box: int | None = None, fourier_box: int | Sequence[int] | None = None,
+               pixel_size: float | Sequence[float] | None = None, lowpass: float | None = None,
+               recenter: bool = False, micrograph_pixel_size: float | None = None) -> xr.Dataset | list[xr.Dataset]:
+    """Crop/pad in real space, then Fourier-crop, lowpass and recentre in one Fourier pass per image.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        As :func:`dparticles.open_particles` returns it (``images`` a dask array).
+    crop_box : int, optional
+        Real-space box (>= 2) applied first; ``C`` below (default: the input box).
+    fourier_box, pixel_size : int or float, or a list of them, optional
+        Output box(es), or target pixel size(s) in Å (the nearest even box; the achieved pixel size
+        ``psize * C / b`` is stored). At most one of the two; default: ``C``.
+    lowpass : float, optional
+        Corner resolution in Å.
+    recenter : bool
+        Apply each particle's shift (needs 2D or 3D alignments).
+    micrograph_pixel_size : float, optional
+        Å per micrograph pixel, for moving the picking coordinates; default: the best evidence in the
+        metadata (:data:`MICROGRAPH_PIXEL_SIZE`, in order), else the particle pixel size (with a
+        warning). ``attrs["micrograph_pixel_size_from"]`` says which was used.
+
+    Returns
+    -------
+    xarray.Dataset, or a list of them (one per box) if ``fourier_box`` or ``pixel_size`` is a list.
+
+    Raises
+    ------
+    ParticleError
+        On a bad argument, before any graph is built.
+    """
+    if fourier_box is not None and pixel_size is not None:
+        raise ParticleError("give --fourier-box or --pixel-size, not both")
+    many = isinstance(fourier_box, _LISTS) or isinstance(pixel_size, _LISTS)
+    if "images" not in ds or "pixel_size" not in ds.coords:
+        raise ParticleError("the dataset has no images or no pixel size (opened with ignore_raw?)",
+                            path=ds.attrs.get("source"))
+    crop_box = _check_box(crop_box, "crop box") if crop_box is not None else None
+    c = crop_box or int(ds.sizes["x"])
+    psize = ds["pixel_size"].values.astype(np.float64)
+    boxes = _output_boxes(fourier_box, pixel_size, c, psize)
+    if lowpass is not None and not _positive(lowpass):
+        raise ParticleError(f"lowpass must be a finite resolution in Å greater than 0, got {lowpass!r}")
+    if micrograph_pixel_size is not None and not _positive(micrograph_pixel_size):
+        raise ParticleError(f"micrograph pixel size must be greater than 0 Å, got {micrograph_pixel_size!r}")
+    shifts = _shifts_px(ds, psize) if recenter else None
+    mic, mic_from = _micrograph_pixel_size(ds, micrograph_pixel_size) if recenter else (None, None)
+
+    images = _images(ds, crop_box, tuple(boxes), lowpass, psize, shifts)
+    # psize * C / b, but psize itself when C == b: 2.8 * 96 / 96 is 2.7999999999999994 in float64
+    out = [_result(ds, img, psize * c / b if b != c else psize.copy(), b, mic, mic_from)
+           for img, b in zip(images, boxes)]
+    return out if many else out[0]
+
+
+def _positive(value: object) -> bool:
+    """Whether ``value`` is a finite real number greater than 0 (not a bool)."""
+    return (not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+            and math.isfinite(value) and value > 0)
+
+
+def _check_box(box: object, what: str) -> int:
+    if isinstance(box, bool) or not isinstance(box, int | np.integer) or box < 2:
+        raise ParticleError(f"{what} must be a whole number of pixels of at least 2, got {box!r}")
+    return int(box)
+
+
+def _output_boxes(fourier_box, pixel_size, c: int, psize: np.ndarray) -> list[int]:
+    """Output boxes: as given, or for each target pixel size the nearest even box (one for all
+    optics groups, else refused); ``[c]`` if neither is given."""
+    if fourier_box is not None:
+        values = list(fourier_box) if isinstance(fourier_box, _LISTS) else [fourier_box]
+        if not values:
+            raise ParticleError("give at least one Fourier box, got an empty list")
+        return [_check_box(b, "Fourier box") for b in values]
+    if pixel_size is None:
+        return [c]
+    targets = list(pixel_size) if isinstance(pixel_size, _LISTS) else [pixel_size]
+    if not targets:
+        raise ParticleError("give at least one target pixel size, got an empty list")
+    for target in targets:
+        if not _positive(target):
+            raise ParticleError(f"target pixel size must be greater than 0 Å, got {target!r}")
+    boxes = []
+    for target in targets:
+        per_group = sorted({kernels.fourier_box_for_pixel_size(c, float(p), float(target)) for p in np.unique(psize)})
+        if len(per_group) > 1:
+            raise ParticleError(f"optics groups with pixel sizes {np.unique(psize).tolist()} Å give different boxes "
+                                f"{per_group} for {target} Å; downsample each optics group on its own, or give "
+                                "--fourier-box")
+        boxes.append(per_group[0])
+    return boxes
+
+
+def _shifts_px(ds: xr.Dataset, psize: np.ndarray) -> np.ndarray:
+    """Each particle's origin in input pixels, shaped (n, 2) as (ox, oy)."""
+    if ds.attrs.get("pose", "none") == "none" or "shift_x" not in ds.coords or "shift_y" not in ds.coords:
+        raise ParticleError("--recenter needs aligned shifts (2D or 3D alignments), and these particles have none",
+                            path=ds.attrs.get("source"))
+    shifts = np.stack([ds["shift_x"].values / psize, ds["shift_y"].values / psize], axis=1).astype(np.float64)
+    bad = ~np.isfinite(shifts).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ParticleError(f"shift ({ds['shift_x'].values[row]!r}, {ds['shift_y'].values[row]!r}) Å is not finite; "
+                            "expected a number to recentre by", path=ds.attrs.get("source"), particle=row + 1)
+    return shifts
+
+
+def _micrograph_pixel_size(ds: xr.Dataset, override: float | None) -> tuple[np.ndarray, str]:
+    """Per-particle micrograph pixel size (Å) and where it came from: the argument, else the first
+    of :data:`MICROGRAPH_PIXEL_SIZE` present, else the particle pixel size (right only for particles
+    extracted without rescaling; warned about when there are coordinates to move)."""
+    n = ds.sizes["particle"]
+    if override is not None:
+        return np.full(n, float(override)), "micrograph_pixel_size argument"
+    for name in MICROGRAPH_PIXEL_SIZE:
+        if name in ds.coords:
+            values = np.asarray(ds[name].values, dtype=np.float64)
+            bad = ~(np.isfinite(values) & (values > 0))
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ParticleError(f"{name} {ds[name].values[row]!r} is not a pixel size greater than 0 Å; "
+                                    "give micrograph_pixel_size", path=ds.attrs.get("source"), particle=row + 1)
+            return values, name
+    if "coord_x" in ds.coords or "coord_y" in ds.coords:
+        warnings.warn("the metadata gives no micrograph pixel size, so recentred coordinates assume the particles' "
+                      "own pixel size (extraction without rescaling); give micrograph_pixel_size "
+                      "(--micrograph-pixel-size) if they were rescaled", UserWarning, stacklevel=3)
+    return ds["pixel_size"].values.astype(np.float64), "pixel_size"
+
+
+def _images(ds: xr.Dataset, crop_box: int | None, boxes: tuple[int, ...], lowpass: float | None,
+            psize: np.ndarray, shifts: np.ndarray | None) -> list[da.Array]:
+    """One lazy image array per output box, all picked from a single blockwise layer whose every
+    block is the tuple of outputs of one read and one forward FFT."""
+    images = da.asarray(ds["images"].data)
+    if images.numblocks[1:] != (1, 1):
+        images = images.rechunk({1: -1, 2: -1})
+    along = (images.chunks[0],)
+    per_particle = [da.from_array(psize, chunks=along)]  # a slice per block, not the whole array per task
+    if shifts is not None:
+        per_particle += [da.from_array(np.ascontiguousarray(shifts[:, k]), chunks=along) for k in range(2)]
+    arrays = [a for arr in per_particle for a in (arr, "p")]
+    meta = np.empty((0, 0, 0), dtype=np.float32)
+    # blocks of this layer are tuples of stacks, one per box: never computed alone, only picked from
+    outputs = da.blockwise(_block, "pyx", images, "pyx", *arrays, crop_box=crop_box, boxes=boxes,
+                           lowpass=lowpass, token="downsample", dtype=np.float32, meta=meta)
+    return [da.map_blocks(_pick, outputs, k, chunks=(images.chunks[0], (b,), (b,)), dtype=np.float32, meta=meta,
+                          token=f"downsample-box{b}")
+            for k, b in enumerate(boxes)]
+
+
+def _block(images: np.ndarray, psize: np.ndarray, shift_x: np.ndarray | None = None,
+           shift_y: np.ndarray | None = None, *, crop_box: int | None, boxes: tuple[int, ...],
+           lowpass: float | None) -> tuple[np.ndarray, ...]:
+    """One chunk: crop/pad, then one FFT per image for all ``boxes``; particles of different pixel
+    sizes get their own lowpass filter. Returns one float32 stack per box."""
+    if crop_box is not None:
+        images = kernels.crop_pad(images, crop_box)
+    shifts = None if shift_x is None else np.stack([shift_x, shift_y], axis=1)
+    if lowpass is None and shifts is None and all(b == images.shape[-1] for b in boxes):
+        images = np.asarray(images, dtype=np.float32)
+        return tuple(images for _ in boxes)
+    if lowpass is None or len(np.unique(psize)) < 2:  # the pixel size matters only to the filter
+        return tuple(kernels.downsample(images, boxes, pixel_size=float(psize[0]) if len(psize) else 1.0,
+                                        lowpass=lowpass, shifts=shifts))
+    outs = tuple(np.empty((len(images), b, b), dtype=np.float32) for b in boxes)
+    for p in np.unique(psize):
+        sel = psize == p
+        parts = kernels.downsample(images[sel], boxes, pixel_size=float(p), lowpass=lowpass,
+                                   shifts=None if shifts is None else shifts[sel])
+        for out, part in zip(outs, parts):
+            out[sel] = part
+    return outs
+
+
+def _pick(outputs: tuple[np.ndarray, ...], k: int) -> np.ndarray:
+    return outputs[k]
+
+
+def _result(ds: xr.Dataset, images: da.Array, new_psize: np.ndarray, box: int, mic: np.ndarray | None,
+            mic_from: str | None) -> xr.Dataset:
+    """``ds`` with new images, pixel size and box; after recentring zero shifts and moved coordinates."""
+    out = ds.drop_vars([name for name, v in ds.variables.items() if {"y", "x"} & set(v.dims)])
+    coords = {"pixel_size": ("particle", new_psize), "box": ("particle", np.full(ds.sizes["particle"], box, np.int64))}
+    if mic is not None:
+        for axis in "xy":
+            shift = ds[f"shift_{axis}"].values
+            if f"coord_{axis}" in ds.coords:
+                coords[f"coord_{axis}"] = ("particle", ds[f"coord_{axis}"].values - shift / mic)
+            coords[f"shift_{axis}"] = ("particle", np.zeros_like(shift))
+    out = out.assign_coords(coords)
+    out["images"] = (("particle", "y", "x"), images)
+    out.attrs = dict(ds.attrs)
+    if mic_from is not None:
+        out.attrs["micrograph_pixel_size_from"] = mic_from
+    return out
