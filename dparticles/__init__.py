@@ -12,8 +12,10 @@ _API = {
     "downsample": "dparticles.jobs.downsample",
     "import_particles": "dparticles.jobs.importer",
     "open_particles": "dparticles.dataset",
+    "ops": "dparticles.ops",
     "restack": "dparticles.jobs.restack",
     "table": "dparticles.dataset",
+    "to_stacks": "dparticles.store",
 }
 __all__ = sorted(_API)
 __version__ = "0.1.0"
@@ -21,7 +23,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in _API:
-        return getattr(import_module(_API[name]), name)
+        module = import_module(_API[name])
+        return module if module.__name__ == f"dparticles.{name}" else getattr(module, name)
     raise AttributeError(f"module 'dparticles' has no attribute {name!r}")
 
 

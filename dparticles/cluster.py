@@ -171,10 +171,22 @@ def run_tasks(client: distributed.Client, func: Callable[..., Any], args_list: l
         raise ValueError(f"{label}: all argument tuples must have the same length")
     token = dask.base.tokenize(func, args_list)
     keys = [f"{label}-{i}-{token}" for i in range(n)]
+    futures = client.map(func, *map(list, zip(*args_list)), key=keys, pure=True) if n else []
+    return watch(client, futures, label=label, log=log, nbytes=nbytes)
+
+
+def watch(client: distributed.Client, futures: list, *, label: str, log: Log = print,
+          nbytes: int | None = None) -> tuple[list, RunSummary]:
+    """Wait for ``futures`` showing progress, then gather their results (in order) and summarise.
+
+    Progress shows as a live bar on a terminal, otherwise as a log line every
+    ``progress-interval`` seconds. On an error the remaining futures are cancelled and the
+    task's exception is raised; so they are on an interrupt.
+    """
+    n = len(futures)
     interval = float(config.get("progress-interval"))
     live = sys.stderr.isatty()
     t0 = time.monotonic()
-    futures = client.map(func, *map(list, zip(*args_list)), key=keys, pure=True) if n else []
     peak_sampled, n_workers, last_line, last_sample = 0, 0, t0, -1.0
     try:
         while True:

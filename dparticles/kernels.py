@@ -28,6 +28,11 @@ import numpy as np
 
 __all__ = ["crop_pad", "downsample", "fourier_box_for_pixel_size"]
 
+# Images per FFT call are padded to a multiple of this, so that an image's result does not depend on
+# which others share its call (ducc0 vectorises across images; a partial group rounds differently).
+# Then output is the same bits whatever the dask chunking or batch size.
+FFT_GROUP = 16
+
 
 def _as_stack(images: np.ndarray, name: str = "images") -> np.ndarray:
     """Return ``images`` as a C-contiguous float32 ``(n, b, b)`` array or raise ValueError."""
@@ -236,10 +241,14 @@ def downsample(images: np.ndarray, out_boxes: Sequence[int | None], *, pixel_siz
     if n == 0:
         return [np.zeros((0, o, o), dtype=np.float32) for o in boxes]
 
+    pad = -n % FFT_GROUP  # ducc0 rounds an image alike only within whole vector groups of images
+    if pad:
+        stack = np.concatenate([stack, np.zeros((pad, b, b), dtype=np.float32)])
+        shifts = None if shifts is None else np.concatenate([shifts, np.zeros((pad, 2))])
     spec = ducc0.fft.r2c(stack, axes=(1, 2), forward=True, inorm=0, nthreads=int(threads))
     results = []
     for o in boxes:
-        results.append(_one_box(spec, b, o, pixel_size, lowpass, shifts, edge_width, int(threads)))
+        results.append(_one_box(spec, b, o, pixel_size, lowpass, shifts, edge_width, int(threads))[:n])
     return results
 
 

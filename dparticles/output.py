@@ -39,10 +39,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def remove_temporaries(folder: Path) -> None:
-    """Delete temporary files an interrupted run left behind."""
-    for p in folder.rglob(f"*{TMP_MARK}-*"):
-        p.unlink(missing_ok=True)
+def remove_temporaries(folder: Path, nonce: str = "") -> None:
+    """Delete temporary files an interrupted run left behind (only the run ``nonce``'s, if given)."""
+    for p in folder.rglob(f"*{TMP_MARK}-{nonce}*"):
+        if p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
 
 
 def input_files(ds: xr.Dataset) -> set[Path]:

@@ -9,6 +9,7 @@ particle images (``benchmarks/zarr_codec.py``): particle images are mostly noise
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,6 @@ import xarray as xr
 import zarr
 
 from dparticles import config
-from dparticles.cluster import cluster_client
 from dparticles.errors import ParticleError
 from dparticles.io.files import TMP_MARK
 from dparticles.output import refuse_inputs
@@ -36,11 +36,26 @@ def check_zarr_target(path: Path, ds: xr.Dataset, *, overwrite: bool) -> None:
                             "another --zarr", path=path)
 
 
-def write_zarr(ds: xr.Dataset, path: Path, *, overwrite: bool, cluster: dict, batch_size: int | None = None,
-               log=print) -> str:
-    """Write ``ds`` (images and metadata) as a zarr store at ``path``, atomically; return a summary."""
+@dataclass
+class ZarrJob:
+    """A zarr cache being written: the lazy write to compute, and where it goes when complete."""
+
+    path: Path
+    tmp: Path
+    delayed: object
+    n: int
+    raw_bytes: int
+
+    def note(self) -> str:
+        stored = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return (f"zarr cache {self.path}: {self.n} particles, {self.raw_bytes / 1e9:.3f} GB stored in "
+                f"{stored / 1e9:.3f} GB")
+
+
+def prepare_zarr(ds: xr.Dataset, path: Path, batch_size: int | None = None) -> ZarrJob:
+    """Set up the zarr store of ``ds`` (images and metadata) under a temporary name; computing
+    ``job.delayed`` writes the images, :func:`finish_zarr` renames it into place."""
     path = Path(path)
-    check_zarr_target(path, ds, overwrite=overwrite)
     image_bytes = ds["images"].dtype.itemsize * ds.sizes["y"] * ds.sizes["x"]
     chunk = min(int(config.get("batch-size", batch_size)), max(1, MAX_CHUNK_BYTES // image_bytes))
     out = ds.drop_vars([v for v in ds.variables if "stack" in ds[v].dims or v in ("image_path", "stack_id")])
@@ -54,16 +69,17 @@ def write_zarr(ds: xr.Dataset, path: Path, *, overwrite: bool, cluster: dict, ba
     tmp = path.with_name(f"{path.name}{TMP_MARK}")
     shutil.rmtree(tmp, ignore_errors=True)
     out.attrs = {k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float, bool))}
-    try:
-        delayed = out.to_zarr(tmp, mode="w", encoding=encoding, compute=False, consolidated=False)
-        with cluster_client(**cluster, log=log) as client:
-            client.compute(delayed).result()
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    stored = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    raw = ds.sizes["particle"] * image_bytes
-    return f"zarr cache {path}: {ds.sizes['particle']} particles, {raw / 1e9:.3f} GB stored in {stored / 1e9:.3f} GB"
+    delayed = out.to_zarr(tmp, mode="w", encoding=encoding, compute=False, consolidated=False)
+    return ZarrJob(path, tmp, delayed, ds.sizes["particle"], ds.sizes["particle"] * image_bytes)
+
+
+def finish_zarr(job: ZarrJob) -> None:
+    """Put a completely written cache in place of any earlier one."""
+    if job.path.exists():
+        shutil.rmtree(job.path)
+    job.tmp.rename(job.path)
+
+
+def discard_zarr(job: ZarrJob) -> None:
+    """Remove the temporary store of a write that did not complete."""
+    shutil.rmtree(job.tmp, ignore_errors=True)

@@ -1,117 +1,232 @@
-"""Batch tasks: each writes one output batch (one ``.mrcs`` per output size) from the source runs.
+"""Worker-side tasks of the store step: create an output stack under a temporary name, write pieces
+of it at their offsets, then sync and rename it into place; and check a file an earlier run left.
 
-A batch file is written under a temporary name and renamed when complete, so a file under its
-final name is always whole; a rerun keeps finished batches after checking them. Float32 copies
-move bytes in the kernel (``os.copy_file_range``) without decoding; conversions and transforms
-stream the batch in pieces of bounded size.
+A file appears under its final name only when every piece is written and synced. Temporary names
+carry a random run nonce and are created with ``O_EXCL | O_NOFOLLOW``, so a planted link is never
+followed and no other run's file is touched. Every task is idempotent: the scheduler may run one
+again after a worker dies, and the result is the same bytes.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+import stat
+import zlib
+from collections.abc import Sequence
 
 import numpy as np
 
 from dparticles.errors import ParticleError
-from dparticles.io.mrc import HEADER_BYTES, StackInfo, read_info, read_runs, stack_header
-from dparticles.io.files import tmp_name
-from dparticles.planning import split_runs
+from dparticles.io.files import TMP_MARK
+from dparticles.io.mrc import HEADER_BYTES, stack_header
 
 FLOAT16_MAX = 65504.0
-VERIFY_BYTES = 16 * 2**20  # bytes compared at a time when checking a kept batch
-PIECE_BYTES = 8 * 2**20  # images decoded at once inside a batch; small enough for the CPU caches
-# (benchmarks/README.md: downsample tasks ran about 1.5x faster than with 32 MB pieces)
+VERIFY_BYTES = 16 * 2**20  # bytes compared at a time when checking a kept file
+_OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-@dataclass(frozen=True)
-class Output:
-    """One output stack of a batch."""
-
-    path: str
-    box: int
-    dtype: str  # '<f4', '<f2', or a source mode kept as is
-    pixel_size: float
+def tmp_path(final: str, nonce: str) -> str:
+    """The temporary name of ``final`` for the run with this ``nonce`` (random, unguessable)."""
+    head, name = os.path.split(final)
+    return os.path.join(head, f".{name}{TMP_MARK}-{nonce}")
 
 
-@dataclass(frozen=True)
-class Batch:
-    """Everything one task needs: source runs, where to write, and the transform (None: copy)."""
-
-    runs: tuple[tuple[StackInfo, int, int], ...]
-    first: int  # metadata row of the batch's first particle, for messages
-    outputs: tuple[Output, ...]
-    transform: Callable[[np.ndarray, np.ndarray | None, np.ndarray], list[np.ndarray]] | None = None
-    shifts: np.ndarray | None = None  # (n, 2) recentring origins in input pixels
-    pixel_sizes: np.ndarray | None = None  # (n,) input pixel sizes, for the transform
-
-    @property
-    def n(self) -> int:
-        return sum(stop - start for _, start, stop in self.runs)
-
-
-def write_batch(batch: Batch) -> dict:
-    """Write (or keep, after checking) the batch's output files; return what was done and the
-    float16 rounding error (max and sum of squares against float32)."""
-    if all(_header_matches(o, batch) for o in batch.outputs) and _content_matches(batch):
-        return {"kept": True, "n": batch.n, "bytes": 0, "f16_max": 0.0, "f16_sq": 0.0}
-    tmps = [Path(tmp_name(Path(o.path))) for o in batch.outputs]
-    stats = {"kept": False, "n": batch.n, "bytes": 0, "f16_max": 0.0, "f16_sq": 0.0}
-    files = []
+def open_tmp(final: str, nonce: str, n: int, box: int, dtype: str, pixel_size: float) -> int:
+    """Open (creating it if need be) the temporary file of ``final`` for this run and make sure it has
+    its header and full size; every piece does this, so the order pieces run in does not matter and a
+    piece run again keeps what others wrote. A file there that is not a regular file of ours (a
+    planted link or another account's file) is refused."""
+    tmp = tmp_path(final, nonce)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | _OPEN_FLAGS, 0o666)
     try:
-        for o, tmp in zip(batch.outputs, tmps):
-            f = open(tmp, "wb")
-            files.append(f)
-            f.write(stack_header(batch.n, o.box, np.dtype(o.dtype), o.pixel_size, "dparticles"))
-        if _can_copy(batch):
-            stats["bytes"] = _copy_runs(batch.runs, files[0])
-        else:
-            _stream(batch, files, stats)
-        for f in files:
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        for o, tmp in zip(batch.outputs, tmps):
-            os.replace(tmp, o.path)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise ParticleError("a temporary output file was replaced by something that is not ours; stopped "
+                                "without writing", path=tmp)
+        _pwrite_fd(fd, memoryview(stack_header(n, box, np.dtype(dtype), pixel_size, "dparticles")), 0)
+        size = HEADER_BYTES + n * box * box * np.dtype(dtype).itemsize
+        if st.st_size != size:
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_piece(block: np.ndarray, file: tuple, offset: int, first: int) -> dict:
+    """Write ``block`` (images) converted to the file's mode at byte ``offset`` of the temporary file
+    ``file`` = ``(final, nonce, n, box, dtype, pixel_size)`` (see :func:`open_tmp`); return counts, the
+    piece's CRC-32 (to verify the file on a rerun) and the float16 rounding error."""
+    stats = {"n": len(block), "bytes": 0, "f16_max": 0.0, "f16_sq": 0.0}
+    data = np.ascontiguousarray(convert(block, np.dtype(file[4]), first, stats))
+    buf = memoryview(data).cast("B")
+    fd = _open(file)
+    try:
+        _pwrite_fd(fd, buf, offset)
     except OSError as exc:
-        raise ParticleError(f"could not write batch ({exc.strerror or exc}); nothing was left under the "
-                            "final name, rerun to continue", path=batch.outputs[0].path) from exc
+        raise _write_error(exc, file[0]) from exc
     finally:
-        for f in files:
-            f.close()
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
+        os.close(fd)
+    stats.update(bytes=len(buf), crc=zlib.crc32(buf), offset=offset)
     return stats
 
 
-def _can_copy(batch: Batch) -> bool:
-    """Bytes can move unchanged: no transform, one output in the sources' own little-endian mode."""
-    if batch.transform is not None or len(batch.outputs) != 1:
+def copy_piece(paths: Sequence[str], codes: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+               file: tuple, offset: int) -> dict:
+    """Copy byte ranges ``[starts, starts + lengths)`` of the source files ``paths[codes]`` one after
+    another into the temporary ``file`` (as :func:`write_piece`) from ``offset``, in the kernel where
+    it can (never decoded)."""
+    fd = _open(file)
+    pos, total = offset, 0
+    try:
+        k = 0
+        while k < len(codes):  # consecutive ranges of one source share an open file
+            j = k
+            while j + 1 < len(codes) and codes[j + 1] == codes[k]:
+                j += 1
+            src = os.open(paths[codes[k]], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                for start, length in zip(starts[k:j + 1].tolist(), lengths[k:j + 1].tolist()):
+                    done = _copy_range(src, fd, length, start, pos)
+                    if done != length:
+                        raise ParticleError(f"stack ended early: expected {length} bytes from byte {start}, "
+                                            f"read {done}", path=paths[codes[k]])
+                    pos += length
+                    total += length
+            finally:
+                os.close(src)
+            k = j + 1
+    except OSError as exc:
+        raise _write_error(exc, file[0]) from exc
+    finally:
+        os.close(fd)
+    return {"n": None, "bytes": total, "f16_max": 0.0, "f16_sq": 0.0}
+
+
+def finish_file(file: tuple, record: dict, pieces: list[dict]) -> dict:
+    """Sync the temporary ``file``, write its record (what a rerun checks), then rename it to its
+    final name; return the totals of its pieces. Run again after the rename, it finds the final
+    file and leaves it."""
+    final, tmp = file[0], tmp_path(*file[:2])
+    try:
+        if os.path.lexists(tmp):
+            fd = _open_for_write(tmp)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            crcs = [[p["offset"], p["bytes"], p["crc"]] for p in pieces if "crc" in p]
+            write_record(record_path(final), dict(record, pieces=crcs))
+            os.replace(tmp, final)
+        elif not os.path.isfile(final):
+            raise ParticleError("the temporary file of this output vanished before it was complete; rerun to "
+                                "write it again", path=final)
+    except OSError as exc:
+        raise _write_error(exc, final) from exc
+    return {"bytes": sum(p["bytes"] for p in pieces), "f16_max": max((p["f16_max"] for p in pieces), default=0.0),
+            "f16_sq": sum(p["f16_sq"] for p in pieces)}
+
+
+RECORDS = ".dparticles"  # folder of an output that holds the records of its finished files
+
+
+def record_path(final: str) -> str:
+    """Where the record of a finished output file ``OUT/stacks/NAME`` is kept: ``OUT/.dparticles/NAME.json``."""
+    stacks, name = os.path.split(final)
+    return os.path.join(os.path.dirname(stacks), RECORDS, f"{name}.json")
+
+
+def write_record(path: str, record: dict) -> None:
+    """Write a small JSON record atomically (temporary name, sync, rename)."""
+    tmp = f"{path}{TMP_MARK}-{os.getpid()}-{os.urandom(4).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o666)
+    try:
+        _pwrite_fd(fd, memoryview(json.dumps(record).encode()), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def verify_record(final: str, header: bytes, record: dict) -> bool:
+    """Whether ``final`` still holds exactly the bytes its record describes: this ``header``, the
+    size, and each piece's CRC."""
+    try:
+        with open(final, "rb") as f:
+            if os.fstat(f.fileno()).st_size != record["size"] or os.pread(f.fileno(), HEADER_BYTES, 0) != header:
+                return False
+            for offset, length, crc in record["pieces"]:
+                if zlib.crc32(os.pread(f.fileno(), length, offset)) != crc:
+                    return False
+    except (OSError, KeyError, TypeError, ValueError):
         return False
-    want = batch.outputs[0].dtype
-    return all(isinstance(info, StackInfo) and info.dtype == want and info.dtype[0] in "<|" for info, _, _ in batch.runs)
+    return True
 
 
-def _copy_runs(runs, dst) -> int:
-    """Copy each run's bytes into ``dst`` at its current end, in the kernel where it can."""
-    dst.flush()
-    out_fd = dst.fileno()
-    pos = os.lseek(out_fd, 0, os.SEEK_END)
-    total = 0
-    for info, start, stop in runs:
-        length = (stop - start) * info.image_bytes
-        offset = info.offset + start * info.image_bytes
-        with open(info.path, "rb") as src:
-            done = _copy_range(src.fileno(), out_fd, length, offset, pos)
-        if done != length:
-            raise ParticleError(f"stack ended early: expected {length} bytes from byte {offset}, read {done}",
-                                path=info.path)
-        pos += length
-        total += length
-    os.lseek(out_fd, pos, os.SEEK_SET)
-    return total
+def verify_copy(final: str, header: bytes, paths: Sequence[str], codes: np.ndarray, starts: np.ndarray,
+                lengths: np.ndarray) -> bool:
+    """Whether ``final`` has this ``header`` and its images are byte for byte the source ranges they
+    were copied from."""
+    try:
+        with open(final, "rb") as out:
+            if os.pread(out.fileno(), HEADER_BYTES, 0) != header:
+                return False
+            pos = HEADER_BYTES
+            for code, start, length in zip(codes.tolist(), starts.tolist(), lengths.tolist()):
+                with open(paths[code], "rb") as src:
+                    while length:
+                        step = min(length, VERIFY_BYTES)
+                        if os.pread(src.fileno(), step, start) != os.pread(out.fileno(), step, pos):
+                            return False
+                        start, pos, length = start + step, pos + step, length - step
+            return os.fstat(out.fileno()).st_size == pos
+    except OSError:
+        return False
+
+
+def convert(data: np.ndarray, dtype: np.dtype, first: int, stats: dict) -> np.ndarray:
+    """``data`` in the little-endian output mode; for float16 range-checked first (an error names the
+    particle, 1-based from ``first`` + 1), with the rounding error against float32 kept in ``stats``."""
+    out = dtype.newbyteorder("<")
+    if dtype != np.float16:
+        return data.astype(out, copy=False)
+    flat = data.reshape(len(data), -1)
+    peak = np.maximum(flat.max(axis=1), -flat.min(axis=1))  # |x| without a temporary; NaN stays NaN
+    over = np.flatnonzero(~(peak <= FLOAT16_MAX))
+    if len(over):
+        k = int(over[0])
+        raise ParticleError(f"a value of magnitude {peak[k]:.6g} does not fit in float16, whose largest is "
+                            f"{FLOAT16_MAX:g}; write float32 instead", particle=first + k + 1)
+    half = data.astype(out)
+    err = half.astype(np.float32)
+    err -= data
+    stats["f16_max"] = max(stats["f16_max"], float(err.max()), float(-err.min()))
+    stats["f16_sq"] += float(np.square(err, out=err).sum(dtype=np.float64))
+    return half
+
+
+def _open(file: tuple) -> int:
+    try:
+        return open_tmp(*file)
+    except OSError as exc:
+        raise _write_error(exc, file[0]) from exc
+
+
+def _open_for_write(tmp: str) -> int:
+    try:
+        return os.open(tmp, os.O_WRONLY | _OPEN_FLAGS)
+    except OSError as exc:
+        raise _write_error(exc, tmp) from exc
+
+
+def _pwrite_fd(fd: int, buf: memoryview, offset: int) -> None:
+    """pwrite may write less than asked (a full disk): write the rest or fail."""
+    while buf:
+        n = os.pwrite(fd, buf, offset)
+        if n == 0:
+            raise OSError(28, "No space left on device")
+        buf, offset = buf[n:], offset + n
 
 
 def _copy_range(src: int, dst: int, length: int, src_off: int, dst_off: int) -> int:
@@ -129,114 +244,12 @@ def _copy_range(src: int, dst: int, length: int, src_off: int, dst_off: int) -> 
             chunk = memoryview(os.pread(src, min(length - done, 16 * 2**20), src_off + done))
             if not chunk:
                 break
-            while chunk:  # pwrite may write less than asked (a full disk): write the rest or fail
-                n = os.pwrite(dst, chunk, dst_off + done)
-                if n == 0:
-                    raise OSError(28, "No space left on device")
-                done += n
-                chunk = chunk[n:]
+            _pwrite_fd(dst, chunk, dst_off + done)
+            done += len(chunk)
     return done
 
 
-def _stream(batch: Batch, files, stats: dict) -> None:
-    """Append each piece of each output to its file."""
-    for arrays in _pieces(batch, stats):
-        for f, data in zip(files, arrays):
-            f.write(data.data)
-            stats["bytes"] += data.nbytes
-
-
-def _pieces(batch: Batch, stats: dict) -> Iterator[list[np.ndarray]]:
-    """The batch read in pieces of bounded size, transformed and converted: for each piece, one
-    little-endian array per output, exactly as it is written."""
-    info0 = batch.runs[0][0]
-    per_piece = max(1, PIECE_BYTES // (info0.ny * info0.nx * 4))
-    first_dtype = batch.outputs[0].dtype
-    decode = "<f4" if batch.transform is not None or first_dtype == "<f2" else first_dtype
-    row = 0
-    for piece in split_runs(list(batch.runs), per_piece):
-        images = _read(piece, decode)
-        n = len(images)
-        shifts = batch.shifts[row:row + n] if batch.shifts is not None else None
-        if batch.transform is not None:
-            results = batch.transform(images, shifts, batch.pixel_sizes[row:row + n])
-        else:
-            results = [images]
-        yield [np.ascontiguousarray(_convert(data, np.dtype(o.dtype), batch.first + row, stats, piece),
-                                    dtype=np.dtype(o.dtype).newbyteorder("<"))
-               for o, data in zip(batch.outputs, results)]
-        row += n
-
-
-def _read(piece: list[tuple], dtype: str) -> np.ndarray:
-    """Images of a piece of a batch, from MRC stacks or from a zarr cache (``.read``)."""
-    if isinstance(piece[0][0], StackInfo):
-        return read_runs(piece, dtype)
-    return np.concatenate([src.read(a, b) for src, a, b in piece]).astype(dtype, copy=False)
-
-
-def _convert(data: np.ndarray, dtype: np.dtype, first: int, stats: dict, piece: list[tuple]) -> np.ndarray:
-    """``data`` in the output mode; for float16, range-checked first, with the rounding error kept."""
-    if dtype != np.float16:
-        return data.astype(dtype, copy=False)
-    flat = data.reshape(len(data), -1)
-    peak = np.maximum(flat.max(axis=1), -flat.min(axis=1))  # |x| without a temporary copy; NaN stays NaN
-    over = np.flatnonzero(~(peak <= FLOAT16_MAX))
-    if len(over):
-        k = int(over[0])
-        source, image = _source_of(piece, k)
-        raise ParticleError(f"a value of magnitude {peak[k]:.6g} (from image {image + 1} of {source}) does not "
-                            f"fit in float16, whose largest is {FLOAT16_MAX:g}; write float32 instead",
-                            particle=first + k + 1)
-    half = data.astype(np.float16)
-    err = half.astype(np.float32)
-    err -= data
-    stats["f16_max"] = max(stats["f16_max"], float(err.max()), float(-err.min()))
-    stats["f16_sq"] += float(np.square(err, out=err).sum(dtype=np.float64))
-    return half
-
-
-def _source_of(piece: list[tuple], k: int) -> tuple[str, int]:
-    """Where the k-th image of a piece comes from: (stack or cache path, 0-based index)."""
-    for src, start, stop in piece:
-        if k < stop - start:
-            return src.path, start + k
-        k -= stop - start
-    raise IndexError(k)
-
-
-def _header_matches(o: Output, batch: Batch) -> bool:
-    """A batch file left by an earlier run has exactly the header and size this run would write."""
-    if not os.path.exists(o.path):
-        return False
-    try:
-        info = read_info(o.path)
-    except ParticleError:
-        return False
-    return (info.n == batch.n and info.ny == info.nx == o.box and np.dtype(info.dtype) == np.dtype(o.dtype)
-            and info.offset == HEADER_BYTES and os.path.getsize(o.path) == HEADER_BYTES + info.n * info.image_bytes)
-
-
-def _content_matches(batch: Batch) -> bool:
-    """The pixels of a batch left by an earlier run are what this run would write: for byte copies
-    every byte is compared with the sources; for transforms the first piece is computed again and
-    compared (the rest was written by the same code from the same inputs, and the file was renamed
-    into place only when complete)."""
-    if _can_copy(batch):
-        with open(batch.outputs[0].path, "rb") as out:
-            pos = HEADER_BYTES
-            for info, start, stop in batch.runs:
-                with open(info.path, "rb") as src:
-                    offset, left = info.offset + start * info.image_bytes, (stop - start) * info.image_bytes
-                    while left:
-                        step = min(left, VERIFY_BYTES)
-                        if os.pread(src.fileno(), step, offset) != os.pread(out.fileno(), step, pos):
-                            return False
-                        offset, pos, left = offset + step, pos + step, left - step
-        return True
-    first = next(_pieces(batch, {"f16_max": 0.0, "f16_sq": 0.0}))
-    for o, data in zip(batch.outputs, first):
-        with open(o.path, "rb") as f:
-            if os.pread(f.fileno(), data.nbytes, HEADER_BYTES) != data.tobytes():
-                return False
-    return True
+def _write_error(exc: OSError, path: str) -> ParticleError:
+    base = os.path.basename(path).split(TMP_MARK)[0].lstrip(".")
+    return ParticleError(f"could not write {base} ({exc.strerror or exc}); nothing was left under the final name, "
+                         "rerun to continue", path=os.path.dirname(path) or ".")

@@ -276,7 +276,7 @@ def test_job_equals_kernels_across_batch_sizes(tmp_path, batch_size):
     expected = kernels.downsample(kernels.crop_pad(images, 36), [24, 17], pixel_size=1.3, lowpass=6.0,
                                   shifts=origins * 1.3 / 1.3)
     for r, e in zip(results, expected):
-        assert r.n_batches == -(-len(order) // batch_size)
+        assert r.n_files == -(-len(order) // batch_size)
         if batch_size >= len(order):  # one kernel call on the same images: the same bits
             np.testing.assert_array_equal(out_images(r.out), e)
         else:  # the vectorised FFTs round an image differently with other neighbours: float32 rounding
@@ -316,13 +316,15 @@ def test_star_pixel_sizes_origins_and_coordinates(real, tmp_path):
     for h in (mrcfile.open(p, header_only=True) for p in sorted((tmp_path / "out" / "stacks").iterdir())):
         with h as mrc:
             assert float(mrc.voxel_size.x) == pytest.approx(2.8 * 112 / 84) and int(mrc.header.mode) == 2
-    # recentred: origins 0, coordinates moved by the origin in micrograph pixels (here the particle's)
-    downsample(src, tmp_path / "rec", fourier_box=64, recenter=True, batch_size=100, log=quiet)
+    # recentred: origins 0, coordinates moved by the origin in micrograph pixels: these 2.8 Å particles
+    # were extracted with rescaling from 0.7 Å micrographs (rlnMicrographOriginalPixelSize), as the run says
+    results = downsample(src, tmp_path / "rec", fourier_box=64, recenter=True, batch_size=100, log=quiet)
+    assert any("rlnMicrographOriginalPixelSize" in n for n in results[0].notes)
     p_rec = star_tables(tmp_path / "rec" / "particles.star")["particles"]
     assert (p_rec["rlnOriginXAngst"] == 0).all() and (p_rec["rlnOriginYAngst"] == 0).all()
-    np.testing.assert_allclose(p_rec["rlnCoordinateX"], p_in["rlnCoordinateX"] - p_in["rlnOriginXAngst"] / 2.8,
+    np.testing.assert_allclose(p_rec["rlnCoordinateX"], p_in["rlnCoordinateX"] - p_in["rlnOriginXAngst"] / 0.7,
                                rtol=1e-12)
-    np.testing.assert_allclose(p_rec["rlnCoordinateY"], p_in["rlnCoordinateY"] - p_in["rlnOriginYAngst"] / 2.8,
+    np.testing.assert_allclose(p_rec["rlnCoordinateY"], p_in["rlnCoordinateY"] - p_in["rlnOriginYAngst"] / 0.7,
                                rtol=1e-12)
 
 

@@ -13,7 +13,7 @@ from dparticles.errors import ParticleError
 
 
 def open_zarr(path: Path) -> xr.Dataset:
-    """Open a zarr cache written by :func:`write_zarr` (images lazily, as dask)."""
+    """Open a zarr cache written by :func:`dparticles.sinks.prepare_zarr` (images lazily, as dask)."""
     try:
         ds = xr.open_zarr(path, consolidated=False)
     except Exception as exc:

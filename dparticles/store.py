@@ -1,0 +1,392 @@
+"""``to_stacks``: write any particle Dataset as MRC stacks of N particles per file (and a zarr cache).
+
+Any Dataset with ``images`` (particle, y, x) and particle metadata: ``open_particles`` output, an
+xarray selection of it, a :mod:`dparticles.ops` result, or one's own ``map_blocks``. Tasks are
+pieces of dask chunks cut where a file begins, not files: each writes its images at their offset
+in its file (created beforehand under a temporary name), and a file is synced and renamed into
+place when all its pieces are written. The metadata is written last.
+
+When the images are the stacks' own pixels (opened and at most selected along ``particle``, in
+the stacks' mode), bytes move in the kernel (``copy_file_range``) and are never decoded. A rerun
+of an interrupted run keeps every complete file after checking it (copies against their sources,
+computed files against the CRC of each piece recorded when it was written).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from dparticles import config, layout
+from dparticles.cluster import RunSummary, cluster_client, watch
+from dparticles.errors import ParticleError
+from dparticles.output import prepare_output, remove_temporaries, write_metadata
+from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
+from dparticles.io.mrc import HEADER_BYTES, stack_header
+from dparticles.writer import RECORDS, copy_piece, finish_file, record_path, verify_copy, verify_record, write_piece
+
+MRC_MODES = {"int8", "int16", "uint16", "float16", "float32"}
+READ_LAYER = "particles-"  # name prefix of the read layer of open_particles (dparticles.stack.lazy_images)
+
+
+@dataclass
+class StoreResult:
+    """What one output folder received and what it cost."""
+
+    out: Path | None
+    n_particles: int
+    n_files: int
+    kept_files: int
+    summary: RunSummary | None
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = []
+        if self.out is not None:
+            stacks = "stack" if self.n_files == 1 else "stacks"
+            lines.append(f"wrote {self.n_particles} particles in {self.n_files} {stacks} to {self.out}"
+                         + (f" ({self.kept_files} complete {stacks} kept from an earlier run)" if self.kept_files else ""))
+        return "\n".join(lines + self.notes)
+
+
+@dataclass
+class _Plan:
+    """One output folder: what goes where."""
+
+    ds: xr.Dataset
+    out: Path
+    dtype: str
+    files: np.ndarray  # file boundaries (particle rows)
+    names: list[str]
+    token: str
+    copy: tuple | None  # (paths, first_run, codes, starts, lengths, piece bounds) for a byte copy
+    kept: np.ndarray  # bool per file: complete and verified from an earlier run
+
+    def final(self, k: int) -> str:
+        return str(self.out / self.names[k])
+
+    def file(self, k: int, nonce: str) -> tuple:
+        """What a task needs to open file ``k``: final name, run nonce, images, box, mode, pixel size."""
+        a, b = int(self.files[k]), int(self.files[k + 1])
+        return (self.final(k), nonce, b - a, int(self.ds.sizes["x"]), self.dtype, float(self.ds["pixel_size"].values[a]))
+
+    def header(self, k: int) -> bytes:
+        _, _, n, box, dtype, pixel_size = self.file(k, "")
+        return stack_header(n, box, np.dtype(dtype), pixel_size, "dparticles")
+
+
+def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list | None, *,
+              batch_size: int | None = None, float16: bool = False, zarr: str | os.PathLike | list | None = None,
+              overwrite: bool = False, cluster: dict | None = None, label: str = "write",
+              log=print) -> StoreResult | list[StoreResult]:
+    """Write ``ds`` as ``out/stacks/batch_NNNNNN.mrcs`` of ``batch_size`` particles plus
+    ``out/particles.star`` (and ``particles.cs`` for CryoSPARC inputs) naming them.
+
+    ``ds`` may be a list of Datasets with a list of folders (and of zarr paths): they are computed
+    together, so reads and FFTs they share happen once. ``out`` None writes only the zarr cache.
+    ``float16`` writes MRC mode 12 after a range check; otherwise float32 (or the stacks' own mode
+    for unchanged pixels). ``cluster`` holds :func:`dparticles.cluster.cluster_client` keywords.
+    An existing output is replaced only with ``overwrite``, unless it is an interrupted run of the
+    same data and arguments, which is resumed.
+    """
+    single = isinstance(ds, xr.Dataset)
+    dss = [ds] if single else list(ds)
+    outs = _as_list(out, len(dss), "out")
+    zarrs = _as_list(zarr, len(dss), "zarr")
+    if any(o is None and z is None for o, z in zip(outs, zarrs)):
+        raise ParticleError("give an output folder, a zarr cache, or both")
+    batch_size = int(config.get("batch-size", batch_size))
+    if batch_size < 1:
+        raise ParticleError(f"batch size must be at least 1, got {batch_size}")
+    for d in dss:
+        _check_images(d)
+    for d, z in zip(dss, zarrs):
+        if z is not None:  # before any work: no cache may replace an input or an unasked-for cache
+            check_zarr_target(Path(z), d, overwrite=overwrite)
+    plans = [None if o is None else _plan(d, Path(o), batch_size, float16, overwrite, label)
+             for d, o in zip(dss, outs)]
+    nonce = secrets.token_hex(8)
+    summary = None
+    try:
+        with cluster_client(**(cluster or {}), log=log) as client:
+            _keep_verified([p for p in plans if p is not None], client)
+            graph, keys, nbytes = _graph([p for p in plans if p is not None], nonce)
+            zarr_jobs = [prepare_zarr(d, Path(z), batch_size) for d, z in zip(dss, zarrs) if z is not None]
+            futures = client.get(graph, keys, sync=False) if keys else []
+            futures += [client.compute(job.delayed) for job in zarr_jobs]
+            results, summary = watch(client, futures, label=label, log=log, nbytes=nbytes)
+    except ParticleError as exc:
+        raise _located(exc, dss, plans) from None
+    finally:
+        for p in plans:
+            if p is not None:
+                remove_temporaries(p.out / "stacks", nonce)
+    for job in zarr_jobs:
+        finish_zarr(job)
+    by_key = dict(zip(keys, results))
+    reports = []
+    for k, (d, p, z) in enumerate(zip(dss, plans, zarrs)):
+        notes = [] if z is None else [next(j.note() for j in zarr_jobs if j.path == Path(z))]
+        if p is None:
+            reports.append(StoreResult(None, d.sizes["particle"], 0, 0, summary, notes))
+            continue
+        done = [by_key[key] for key in keys if key[0] == _finish_name(p)]
+        if p.dtype == "<f2":
+            notes.insert(0, float16_report(done, d.sizes["particle"] * d.sizes["y"] * d.sizes["x"], int(p.kept.sum())))
+        write_metadata(p.out, d, *_positions(p), cs=d.attrs.get("format") == "cryosparc")
+        reports.append(StoreResult(p.out, d.sizes["particle"], len(p.names), int(p.kept.sum()), summary, notes))
+    return reports[0] if single else reports
+
+
+def _as_list(value, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ParticleError(f"give one {what} per dataset: {n} datasets, {len(value)} {what} values")
+        return list(value)
+    if value is not None and n > 1:
+        raise ParticleError(f"{n} datasets need a list of {n} {what} values")
+    return [value] * n
+
+
+def _check_images(ds: xr.Dataset) -> None:
+    if "images" not in ds:
+        raise ParticleError("these particles have no images (opened with ignore_raw)", path=ds.attrs.get("source"))
+    if ds["images"].dims != ("particle", "y", "x") or ds.sizes["y"] != ds.sizes["x"]:
+        raise ParticleError(f"images must be square and shaped (particle, y, x); got {dict(ds['images'].sizes)}",
+                            path=ds.attrs.get("source"))
+    if ds.sizes["particle"] == 0:
+        raise ParticleError("no particles to write (the selection is empty)", path=ds.attrs.get("source"))
+    if "pixel_size" not in ds.coords:
+        raise ParticleError("the particles have no pixel_size coordinate (Å), which the stack headers and "
+                            "metadata need", path=ds.attrs.get("source"))
+
+
+def _plan(ds: xr.Dataset, out: Path, batch_size: int, float16: bool, overwrite: bool, label: str) -> _Plan:
+    """Decide the output mode, files and copy ranges; prepare the folder (refusals, resume)."""
+    images = ds["images"].data
+    if not isinstance(images, da.Array):
+        images = da.from_array(np.asarray(images), chunks=(max(1, 2**26 // max(1, images[0].nbytes)), -1, -1))
+        ds = ds.assign(images=(("particle", "y", "x"), images))
+    copy = None if float16 or not is_source_read(ds) else ()
+    if float16:
+        dtype = "<f2"
+    elif copy is not None or np.dtype(images.dtype).name in MRC_MODES:
+        dtype = np.dtype(images.dtype).newbyteorder("<").str
+    else:
+        dtype = "<f4"
+    n = ds.sizes["particle"]
+    files = layout.bounds(n, batch_size)
+    names = [f"stacks/batch_{k:06d}.mrcs" for k in range(len(files) - 1)]
+    pixel = ds["pixel_size"].values[files[:-1]]
+    token = tokenize("to_stacks", images.name, dtype, batch_size, pixel, _sources_stamp(ds))
+    out = prepare_output(out, ds, overwrite=overwrite, job=label, token=token)
+    (out / "stacks").mkdir(exist_ok=True)
+    (out / RECORDS).mkdir(exist_ok=True)
+    if copy is not None:
+        image_bytes = ds.sizes["y"] * ds.sizes["x"] * np.dtype(dtype).itemsize
+        piece_bounds = layout.copy_bounds(n, batch_size, max(1, _piece_bytes() // image_bytes))
+        runs = layout.byte_runs(ds["stack_id"].values, ds["image_index"].values, piece_bounds, image_bytes,
+                                ds["stack_offset"].values)
+        copy = (tuple(ds["stack_path"].values.astype(str)), *runs, piece_bounds)
+    plan = _Plan(ds, out, dtype, files, names, token, copy, np.zeros(len(names), dtype=bool))
+    return plan
+
+
+def _piece_bytes() -> int:
+    from dask.utils import parse_bytes
+    return int(parse_bytes(str(config.get("piece-bytes"))))
+
+
+def is_source_read(ds: xr.Dataset) -> bool:
+    """Whether the images are the stacks' own pixels, unchanged: the lazy read of ``open_particles``,
+    at most indexed along ``particle`` (a selection, a reordering), in the stacks' own mode.
+
+    Decided from the task graph, conservatively: one read layer plus indexing layers whose every
+    task indexes only the particle axis; anything else (arithmetic, ``where``, ``map_blocks``,
+    slicing y or x) is computed instead, which gives the same bits for float32, only more slowly.
+    """
+    if not {"stack_id", "image_index", "stack_path", "stack_offset", "stack_dtype"} <= set(ds.coords):
+        return False
+    arr = ds["images"].data
+    modes = {str(m) for m in ds["stack_dtype"].values}
+    if not isinstance(arr, da.Array) or len(modes) != 1:
+        return False
+    mode = np.dtype(modes.pop())
+    if arr.dtype != mode.newbyteorder("=") or mode.byteorder == ">" or arr.shape[1] != arr.shape[2]:
+        return False
+    layers = arr.dask.layers
+    reads = [name for name in layers if name.startswith(READ_LAYER)]
+    return len(reads) == 1 and all(_indexes_particles_only(name, layers[name]) for name in layers if name not in reads)
+
+
+def _indexes_particles_only(name: str, layer) -> bool:
+    """Every task of an indexing layer picks particles only (axis 0); y and x are left whole."""
+    from operator import getitem as op_getitem
+
+    from dask._task_spec import Alias, DataNode, Task
+    from dask.array import _shuffle
+    from dask.array.chunk import getitem as chunk_getitem
+
+    if not name.startswith("getitem-"):
+        return False
+    for task in dict(layer).values():
+        if isinstance(task, DataNode):  # the index arrays of a take: (position, index)
+            value = task.value
+            index = value[1] if isinstance(value, tuple) and len(value) == 2 else None
+            if isinstance(index, tuple) and not all(_whole(i) for i in index[1:]):
+                return False
+            continue
+        if isinstance(task, Alias):
+            continue
+        if not isinstance(task, Task):
+            return False
+        if task.func in (chunk_getitem, op_getitem):
+            index = task.args[1] if len(task.args) > 1 else None
+            if not isinstance(index, tuple) or not all(_whole(i) for i in index[1:]):
+                return False
+        elif task.func is _shuffle.concatenate_arrays:
+            if task.args[-1] != 0:
+                return False
+        elif task.func is not _shuffle._getitem:
+            return False
+    return True
+
+
+def _whole(index: object) -> bool:
+    return isinstance(index, slice) and index.start in (None, 0) and index.step in (None, 1) and index.stop is None
+
+
+def _sources_stamp(ds: xr.Dataset) -> list:
+    """Size, times and inode of every source file: a rewritten stack changes ``st_ctime``, whatever
+    its size and modification time, so work kept from an earlier run is never stale."""
+    files = list(ds["stack_path"].values.astype(str)) if "stack_path" in ds.coords else []
+    if "zarr" in ds.attrs:
+        files.append(str(Path(ds.attrs["zarr"]) / "images" / "zarr.json"))
+    stamps = []
+    for p in files:
+        st = os.stat(p)
+        stamps.append((p, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return stamps
+
+
+def _record(plan: _Plan, k: int) -> dict:
+    n = int(plan.files[k + 1] - plan.files[k])
+    size = HEADER_BYTES + n * plan.ds.sizes["y"] * plan.ds.sizes["x"] * np.dtype(plan.dtype).itemsize
+    return {"token": plan.token, "size": size}
+
+
+def _copy_args(plan: _Plan, p0: int, p1: int) -> tuple:
+    """The source ranges of pieces ``[p0, p1)`` as compact arrays: paths, codes, starts, lengths."""
+    paths, first_run, codes, starts, lengths, _ = plan.copy
+    lo, hi = first_run[p0], first_run[p1]
+    used, local = np.unique(codes[lo:hi], return_inverse=True)
+    return tuple(paths[c] for c in used.tolist()), local.astype(np.int32), starts[lo:hi], lengths[lo:hi]
+
+
+def _keep_verified(plans: list[_Plan], client) -> None:
+    """Find the files an earlier run of the same data completed, check them on the cluster, and mark
+    those that pass as kept; remove the rest, so that they are written anew."""
+    import json
+
+    checks = []
+    for plan in plans:
+        for k, name in enumerate(plan.names):
+            final = plan.final(k)
+            try:
+                with open(record_path(final)) as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                record = None
+            if record is None or record.get("token") != plan.token or not os.path.isfile(final):
+                for stale in (final, record_path(final)):
+                    if os.path.lexists(stale):
+                        os.unlink(stale)
+                continue
+            if plan.copy is None:
+                checks.append((plan, k, client.submit(verify_record, final, plan.header(k), record, pure=False)))
+            else:
+                p0, p1 = np.searchsorted(plan.copy[-1], plan.files[k:k + 2])
+                checks.append((plan, k, client.submit(verify_copy, final, plan.header(k), *_copy_args(plan, p0, p1),
+                                                      pure=False)))
+    for plan, k, future in checks:
+        if future.result():
+            plan.kept[k] = True
+        else:
+            os.unlink(plan.final(k))
+            os.unlink(record_path(plan.final(k)))
+
+
+def _finish_name(plan: _Plan) -> str:
+    return f"finish-{plan.token}"
+
+
+def _graph(plans: list[_Plan], nonce: str) -> tuple[HighLevelGraph, list, int]:
+    """One graph for every output: per piece a write (or copy) at its offset, per file a finish."""
+    graphs, keys, nbytes = [], [], 0
+    for plan in plans:
+        piece, finish = f"piece-{plan.token}", _finish_name(plan)
+        image_bytes = plan.ds.sizes["y"] * plan.ds.sizes["x"] * np.dtype(plan.dtype).itemsize
+        arr = plan.ds["images"].data
+        if plan.copy is not None:
+            piece_bounds, dependencies = plan.copy[-1], []
+        else:
+            chunk_bounds = np.concatenate([[0], np.cumsum(arr.chunks[0])])
+            piece_bounds, _ = layout.pieces(plan.files, chunk_bounds)
+            arr = arr.rechunk({0: tuple(np.diff(piece_bounds).tolist()), 1: -1, 2: -1})
+            dependencies = [arr]
+        piece_file = np.searchsorted(plan.files, piece_bounds[:-1], side="right") - 1
+        dsk: dict = {}
+        parts: dict[int, list] = {}
+        for p in np.flatnonzero(~plan.kept[piece_file]).tolist():
+            k, a = int(piece_file[p]), int(piece_bounds[p])
+            file = plan.file(k, nonce)
+            offset = HEADER_BYTES + (a - int(plan.files[k])) * image_bytes
+            if plan.copy is not None:
+                dsk[(piece, p)] = (copy_piece, *_copy_args(plan, p, p + 1), file, offset)
+            else:
+                dsk[(piece, p)] = (write_piece, (arr.name, p, 0, 0), file, offset, a)
+            parts.setdefault(k, []).append((piece, p))
+            nbytes += (int(piece_bounds[p + 1]) - a) * image_bytes
+        for k, refs in parts.items():
+            dsk[(finish, k)] = (finish_file, plan.file(k, nonce), _record(plan, k), refs)
+            keys.append((finish, k))
+        graphs.append(HighLevelGraph.from_collections(f"store-{plan.token}", dsk, dependencies=dependencies))
+    graph = HighLevelGraph.merge(*graphs) if graphs else HighLevelGraph({}, {})
+    return graph, keys, nbytes
+
+
+def _positions(plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
+    """Each particle's new stack (relative to the output folder) and 0-based index in it."""
+    sizes = np.diff(plan.files)
+    paths = np.repeat(np.array(plan.names, dtype=object), sizes)
+    indices = np.arange(int(plan.files[-1]), dtype=np.int64) - np.repeat(plan.files[:-1], sizes)
+    return paths, indices
+
+
+def float16_report(done: list[dict], n_values: int, kept: int) -> str:
+    """The float16 rounding error against float32 of the files written in this run."""
+    sq = sum(r["f16_sq"] for r in done)
+    peak = max((r["f16_max"] for r in done), default=0.0)
+    rms = float(np.sqrt(sq / n_values)) if n_values else 0.0
+    text = f"float16 rounding error against float32: largest {peak:.3g}, RMS {rms:.3g}"
+    return text + (f" (over the files written now; {kept} were kept)" if kept else "")
+
+
+def _located(exc: ParticleError, dss: list[xr.Dataset], plans: list) -> ParticleError:
+    """A worker's error about particle N says which metadata file and image that particle is."""
+    if exc.particle is None or exc.path is not None or not dss:
+        return exc
+    ds = dss[0]
+    row = exc.particle - 1
+    message = str(exc).split(": ", 1)[-1]
+    if {"image_path", "image_index"} <= set(ds.coords) and 0 <= row < ds.sizes["particle"]:
+        message += f" (from image {int(ds['image_index'].values[row]) + 1} of {ds['image_path'].values[row]})"
+    return ParticleError(message, path=ds.attrs.get("source"), particle=exc.particle)
