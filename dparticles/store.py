@@ -47,6 +47,7 @@ class StoreResult:
     kept_files: int
     summary: RunSummary | None
     notes: list[str] = field(default_factory=list)
+    copied: bool = False  # pixels moved unchanged, byte for byte, never decoded
 
     def __str__(self) -> str:
         lines = []
@@ -142,7 +143,8 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         if p.dtype == "<f2":
             notes.insert(0, float16_report(done, d.sizes["particle"] * d.sizes["y"] * d.sizes["x"], int(p.kept.sum())))
         write_metadata(p.out, d, *_positions(p), cs=d.attrs.get("format") == "cryosparc")
-        reports.append(StoreResult(p.out, d.sizes["particle"], len(p.names), int(p.kept.sum()), summary, notes))
+        reports.append(StoreResult(p.out, d.sizes["particle"], len(p.names), int(p.kept.sum()), summary, notes,
+                                   copied=p.copy is not None))
     return reports[0] if single else reports
 
 
