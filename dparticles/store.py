@@ -100,8 +100,9 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
     """
     single = isinstance(ds, xr.Dataset)
     dss = [ds] if single else list(ds)
-    outs = _as_list(out, len(dss), "out")
-    zarrs = _as_list(zarr, len(dss), "zarr")
+    # absolute before anything is sent: workers elsewhere do not run in this directory
+    outs = [None if o is None else Path(o).absolute() for o in _as_list(out, len(dss), "out")]
+    zarrs = [None if z is None else Path(z).absolute() for z in _as_list(zarr, len(dss), "zarr")]
     if any(o is None and z is None for o, z in zip(outs, zarrs)):
         raise ParticleError("give an output folder, a zarr cache, or both")
     batch_size = int(config.get("batch-size", batch_size))
@@ -111,8 +112,8 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         _check_images(d)
     for d, z in zip(dss, zarrs):
         if z is not None:  # before any work: no cache may replace an input or an unasked-for cache
-            check_zarr_target(Path(z), d, overwrite=overwrite)
-    plans = [None if o is None else _plan(d, Path(o), batch_size, float16, overwrite, label)
+            check_zarr_target(z, d, overwrite=overwrite)
+    plans = [None if o is None else _plan(d, o, batch_size, float16, overwrite, label)
              for d, o in zip(dss, outs)]
     nonce = secrets.token_hex(8)
     summary = None
@@ -120,7 +121,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         with cluster_client(**(cluster or {}), log=log) as client:
             _keep_verified([p for p in plans if p is not None], client)
             graph, keys, nbytes = _graph([p for p in plans if p is not None], nonce)
-            zarr_jobs = [prepare_zarr(d, Path(z), batch_size) for d, z in zip(dss, zarrs) if z is not None]
+            zarr_jobs = [prepare_zarr(d, z, batch_size) for d, z in zip(dss, zarrs) if z is not None]
             futures = client.get(graph, keys, sync=False) if keys else []
             futures += [client.compute(job.delayed) for job in zarr_jobs]
             results, summary = watch(client, futures, label=label, log=log, nbytes=nbytes)
@@ -135,7 +136,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
     by_key = dict(zip(keys, results))
     reports = []
     for k, (d, p, z) in enumerate(zip(dss, plans, zarrs)):
-        notes = [] if z is None else [next(j.note() for j in zarr_jobs if j.path == Path(z))]
+        notes = [] if z is None else [next(j.note() for j in zarr_jobs if j.path == z)]
         if p is None:
             reports.append(StoreResult(None, d.sizes["particle"], 0, 0, summary, notes))
             continue
