@@ -31,9 +31,11 @@ from dparticles.errors import ParticleError
 from dparticles.output import prepare_output, remove_temporaries, write_metadata
 from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
 from dparticles.io.mrc import HEADER_BYTES, stack_header
-from dparticles.writer import RECORDS, copy_piece, finish_file, record_path, verify_copy, verify_record, write_piece
+from dparticles.writer import (RECORDS, copy_segments, finish_file, record_path, verify_copy, verify_record,
+                               write_segments)
 
 MRC_MODES = {"int8", "int16", "uint16", "float16", "float32"}
+MIN_PIECES = 8  # copies are cut into at least this many pieces, so that every worker of a small cluster works
 READ_LAYER = "particles-"  # name prefix of the read layer of open_particles (dparticles.stack.lazy_images)
 
 
@@ -68,7 +70,8 @@ class _Plan:
     files: np.ndarray  # file boundaries (particle rows)
     names: list[str]
     token: str
-    copy: tuple | None  # (paths, first_run, codes, starts, lengths, piece bounds) for a byte copy
+    pieces: np.ndarray  # boundaries of the pieces tasks write: dask chunks, or copies of piece-bytes
+    copy: tuple | None  # (paths, first_run, codes, starts, lengths): source ranges of each segment
     kept: np.ndarray  # bool per file: complete and verified from an earlier run
 
     def final(self, k: int) -> str:
@@ -140,7 +143,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         if p is None:
             reports.append(StoreResult(None, d.sizes["particle"], 0, 0, summary, notes))
             continue
-        done = [by_key[key] for key in keys if key[0] == _finish_name(p)]
+        done = [stats for key, r in by_key.items() if key[0] == f"piece-{p.token}" for stats in r.values()]
         if p.dtype == "<f2":
             notes.insert(0, float16_report(done, d.sizes["particle"] * d.sizes["y"] * d.sizes["x"], int(p.kept.sum())))
         write_metadata(p.out, d, *_positions(p), cs=d.attrs.get("format") == "cryosparc")
@@ -193,13 +196,15 @@ def _plan(ds: xr.Dataset, out: Path, batch_size: int, float16: bool, overwrite: 
     out = prepare_output(out, ds, overwrite=overwrite, job=label, token=token)
     (out / "stacks").mkdir(exist_ok=True)
     (out / RECORDS).mkdir(exist_ok=True)
+    image_bytes = ds.sizes["y"] * ds.sizes["x"] * np.dtype(dtype).itemsize
     if copy is not None:
-        image_bytes = ds.sizes["y"] * ds.sizes["x"] * np.dtype(dtype).itemsize
-        piece_bounds = layout.copy_bounds(n, batch_size, max(1, _piece_bytes() // image_bytes))
-        runs = layout.byte_runs(ds["stack_id"].values, ds["image_index"].values, piece_bounds, image_bytes,
-                                ds["stack_offset"].values)
-        copy = (tuple(ds["stack_path"].values.astype(str)), *runs, piece_bounds)
-    plan = _Plan(ds, out, dtype, files, names, token, copy, np.zeros(len(names), dtype=bool))
+        pieces = layout.bounds(n, max(1, min(_piece_bytes() // image_bytes, -(-n // MIN_PIECES))))
+        runs = layout.byte_runs(ds["stack_id"].values, ds["image_index"].values, np.union1d(pieces, files),
+                                image_bytes, ds["stack_offset"].values)
+        copy = (tuple(ds["stack_path"].values.astype(str)), *runs)
+    else:
+        pieces = np.concatenate([[0], np.cumsum(images.chunks[0])]).astype(np.int64)
+    plan = _Plan(ds, out, dtype, files, names, token, pieces, copy, np.zeros(len(names), dtype=bool))
     return plan
 
 
@@ -286,12 +291,24 @@ def _record(plan: _Plan, k: int) -> dict:
     return {"token": plan.token, "size": size}
 
 
-def _copy_args(plan: _Plan, p0: int, p1: int) -> tuple:
-    """The source ranges of pieces ``[p0, p1)`` as compact arrays: paths, codes, starts, lengths."""
-    paths, first_run, codes, starts, lengths, _ = plan.copy
-    lo, hi = first_run[p0], first_run[p1]
+def _copy_args(plan: _Plan, s0: int, s1: int) -> tuple:
+    """The source ranges of segments ``[s0, s1)`` as compact arrays: paths, codes, starts, lengths."""
+    paths, first_run, codes, starts, lengths = plan.copy
+    lo, hi = first_run[s0], first_run[s1]
     used, local = np.unique(codes[lo:hi], return_inverse=True)
     return tuple(paths[c] for c in used.tolist()), local.astype(np.int32), starts[lo:hi], lengths[lo:hi]
+
+
+def _piece_copies(plan: _Plan, segs: list[tuple]) -> tuple[tuple, list[tuple]]:
+    """A piece's copy segments with their source ranges, the stacks numbered within the piece (so a
+    task carries only the paths it reads)."""
+    paths, _, codes, starts, lengths = plan.copy
+    lo, hi = segs[0][1], segs[-1][2]
+    used, local = np.unique(codes[lo:hi], return_inverse=True)
+    local = local.astype(np.int32)
+    out = [(file, local[a - lo:b - lo], starts[a:b], lengths[a:b], offset, record)
+           for file, a, b, offset, record in segs]
+    return tuple(paths[c] for c in used.tolist()), out
 
 
 def _keep_verified(plans: list[_Plan], client) -> None:
@@ -301,6 +318,7 @@ def _keep_verified(plans: list[_Plan], client) -> None:
 
     checks = []
     for plan in plans:
+        segments = np.union1d(plan.pieces, plan.files)
         for k, name in enumerate(plan.names):
             final = plan.final(k)
             try:
@@ -316,9 +334,10 @@ def _keep_verified(plans: list[_Plan], client) -> None:
             if plan.copy is None:
                 checks.append((plan, k, client.submit(verify_record, final, plan.header(k), record, pure=False)))
             else:
-                p0, p1 = np.searchsorted(plan.copy[-1], plan.files[k:k + 2])
-                checks.append((plan, k, client.submit(verify_copy, final, plan.header(k), *_copy_args(plan, p0, p1),
-                                                      pure=False)))
+                s0, s1 = np.searchsorted(segments, plan.files[k:k + 2])
+                paths, codes, starts, lengths = _copy_args(plan, s0, s1)
+                checks.append((plan, k, client.submit(verify_copy, final, plan.header(k), paths, codes, starts,
+                                                      lengths, pure=False)))
     for plan, k, future in checks:
         if future.result():
             plan.kept[k] = True
@@ -327,41 +346,47 @@ def _keep_verified(plans: list[_Plan], client) -> None:
             os.unlink(record_path(plan.final(k)))
 
 
-def _finish_name(plan: _Plan) -> str:
-    return f"finish-{plan.token}"
-
-
 def _graph(plans: list[_Plan], nonce: str) -> tuple[HighLevelGraph, list, int]:
-    """One graph for every output: per piece a write (or copy) at its offset, per file a finish."""
+    """One graph for every output: a task per piece (a dask chunk, or piece-bytes of copies) writing
+    its rows into each file they belong to, finishing the files that lie wholly in it; a finish task
+    per file that spans pieces. Tasks scale with the data, not with the number of files."""
     graphs, keys, nbytes = [], [], 0
     for plan in plans:
-        piece, finish = f"piece-{plan.token}", _finish_name(plan)
+        piece, finish = f"piece-{plan.token}", f"finish-{plan.token}"
         image_bytes = plan.ds.sizes["y"] * plan.ds.sizes["x"] * np.dtype(plan.dtype).itemsize
         arr = plan.ds["images"].data
-        if plan.copy is not None:
-            piece_bounds, dependencies = plan.copy[-1], []
-        else:
-            chunk_bounds = np.concatenate([[0], np.cumsum(arr.chunks[0])])
-            piece_bounds, _ = layout.pieces(plan.files, chunk_bounds)
-            arr = arr.rechunk({0: tuple(np.diff(piece_bounds).tolist()), 1: -1, 2: -1})
-            dependencies = [arr]
-        piece_file = np.searchsorted(plan.files, piece_bounds[:-1], side="right") - 1
-        dsk: dict = {}
-        parts: dict[int, list] = {}
-        for p in np.flatnonzero(~plan.kept[piece_file]).tolist():
-            k, a = int(piece_file[p]), int(piece_bounds[p])
-            file = plan.file(k, nonce)
+        bounds = np.union1d(plan.pieces, plan.files)  # segments: a piece's rows within one file
+        seg_piece = np.searchsorted(plan.pieces, bounds[:-1], side="right") - 1
+        seg_file = np.searchsorted(plan.files, bounds[:-1], side="right") - 1
+        first_seg = np.searchsorted(bounds, plan.files)  # file k is segments first_seg[k]:first_seg[k+1]
+        whole = np.diff(first_seg) == 1  # the file lies in one piece
+        segments: dict[int, list] = {}
+        for sg in np.flatnonzero(~plan.kept[seg_file]).tolist():
+            p, k = int(seg_piece[sg]), int(seg_file[sg])
+            a, b = int(bounds[sg]), int(bounds[sg + 1])
             offset = HEADER_BYTES + (a - int(plan.files[k])) * image_bytes
-            if plan.copy is not None:
-                dsk[(piece, p)] = (copy_piece, *_copy_args(plan, p, p + 1), file, offset)
+            record = _record(plan, k) if whole[k] else None
+            file = plan.file(k, nonce)
+            if plan.copy is not None:  # source ranges: run indices now, a piece's own codes below
+                first_run = plan.copy[1]
+                segments.setdefault(p, []).append((file, int(first_run[sg]), int(first_run[sg + 1]), offset, record))
             else:
-                dsk[(piece, p)] = (write_piece, (arr.name, p, 0, 0), file, offset, a)
-            parts.setdefault(k, []).append((piece, p))
-            nbytes += (int(piece_bounds[p + 1]) - a) * image_bytes
-        for k, refs in parts.items():
-            dsk[(finish, k)] = (finish_file, plan.file(k, nonce), _record(plan, k), refs)
+                lo = a - int(plan.pieces[p])
+                segments.setdefault(p, []).append((file, lo, lo + b - a, offset, record))
+            nbytes += (b - a) * image_bytes
+        dsk: dict = {}
+        for p, segs in segments.items():
+            if plan.copy is not None:
+                dsk[(piece, p)] = (copy_segments, *_piece_copies(plan, segs))
+            else:
+                dsk[(piece, p)] = (write_segments, (arr.name, p, 0, 0), segs, int(plan.pieces[p]))
+            keys.append((piece, p))
+        for k in np.flatnonzero(~plan.kept & ~whole).tolist():
+            parts = [(piece, int(p)) for p in np.unique(seg_piece[first_seg[k]:first_seg[k + 1]]).tolist()]
+            dsk[(finish, k)] = (finish_file, plan.file(k, nonce), _record(plan, k), parts)
             keys.append((finish, k))
-        graphs.append(HighLevelGraph.from_collections(f"store-{plan.token}", dsk, dependencies=dependencies))
+        deps = [] if plan.copy is not None else [arr]
+        graphs.append(HighLevelGraph.from_collections(f"store-{plan.token}", dsk, dependencies=deps))
     graph = HighLevelGraph.merge(*graphs) if graphs else HighLevelGraph({}, {})
     return graph, keys, nbytes
 

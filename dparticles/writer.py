@@ -104,11 +104,36 @@ def copy_piece(paths: Sequence[str], codes: np.ndarray, starts: np.ndarray, leng
     return {"n": None, "bytes": total, "f16_max": 0.0, "f16_sq": 0.0}
 
 
-def finish_file(file: tuple, record: dict, pieces: list[dict]) -> dict:
+def write_segments(block: np.ndarray, segments: list[tuple], first: int) -> dict[str, dict]:
+    """Write the rows of one chunk of images to the files they belong to. Each segment is
+    ``(file, lo, hi, offset, record)``: rows ``block[lo:hi]`` go at byte ``offset`` of ``file``
+    (see :func:`write_piece`); a file that lies wholly in this chunk comes with its ``record`` and
+    is finished here (:func:`finish_file`). Returns each file's piece statistics by final name."""
+    done = {}
+    for file, lo, hi, offset, record in segments:
+        done[file[0]] = write_piece(block[lo:hi], file, offset, first + lo)
+        if record is not None:
+            finish_file(file, record, [done])
+    return done
+
+
+def copy_segments(paths: Sequence[str], segments: list[tuple]) -> dict[str, dict]:
+    """As :func:`write_segments` for unchanged pixels: each segment is ``(file, codes, starts,
+    lengths, offset, record)``, source byte ranges copied by :func:`copy_piece`."""
+    done = {}
+    for file, codes, starts, lengths, offset, record in segments:
+        done[file[0]] = copy_piece(paths, codes, starts, lengths, file, offset)
+        if record is not None:
+            finish_file(file, record, [done])
+    return done
+
+
+def finish_file(file: tuple, record: dict, results: list[dict[str, dict]]) -> dict:
     """Sync the temporary ``file``, write its record (what a rerun checks), then rename it to its
-    final name; return the totals of its pieces. Run again after the rename, it finds the final
-    file and leaves it."""
+    final name; return the totals of its pieces, picked from the chunk tasks' ``results``. Run again
+    after the rename, it finds the final file and leaves it."""
     final, tmp = file[0], tmp_path(*file[:2])
+    pieces = [r[final] for r in results if final in r]
     try:
         if os.path.lexists(tmp):
             fd = _open_for_write(tmp)

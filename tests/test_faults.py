@@ -81,7 +81,7 @@ def test_sigkill_of_a_worker_mid_job_gives_the_undisturbed_output(job, sets, tmp
         assert killer.done_before < n_files
         assert not psutil.pid_exists(victim_pid) or psutil.Process(victim_pid).status() == psutil.STATUS_ZOMBIE
         summary = (result if job == "restack" else result[0]).summary
-        assert summary.n_tasks == n_files  # one finished file per task watched
+        assert summary.n_tasks >= 8  # tasks are pieces of the data, whatever the number of files
         client.wait_for_workers(2, timeout=60)                         # the nanny brought it back
         assert victim_pid not in client.run(os.getpid).values()
         print(f"{job}: killed worker {victim_pid} after {killer.done_before}/{n_files} batch files, "
