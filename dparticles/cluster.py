@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -114,9 +113,13 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
 class RunSummary:
     """What a run cost: tasks, wall time, data volume and worker memory.
 
-    ``peak_worker_memory_bytes`` is the largest ``ru_maxrss`` (peak resident set over the
-    life of the process, read with ``client.run`` after the tasks) among the workers alive
-    at the end: it includes earlier work on reused workers and misses workers that died.
+    ``peak_worker_memory_bytes`` is the largest peak resident memory of a worker process during
+    the run: each worker's peak is reset when the run starts (``5`` written to
+    ``/proc/self/clear_refs``) and read after the tasks (``VmHWM`` in ``/proc/self/status``),
+    so it counts the worker's own memory only, not a parent's it was forked or spawned from.
+    Workers that died are missed; on a worker whose peak could not be reset it is the peak
+    since the worker started. Where ``/proc`` is unavailable (macOS) it falls back to
+    ``sampled_peak_rss_bytes`` and ``peak_worker_memory_sampled`` is True.
     ``sampled_peak_rss_bytes`` is the largest worker RSS seen in the scheduler's heartbeats,
     sampled at each progress tick during the run (it can miss short spikes).
     """
@@ -128,6 +131,7 @@ class RunSummary:
     peak_worker_memory_bytes: int | None
     sampled_peak_rss_bytes: int | None
     nbytes: int | None = None
+    peak_worker_memory_sampled: bool = False
 
     def __str__(self) -> str:
         rate = self.n_tasks / self.seconds if self.seconds > 0 else float("inf")
@@ -136,16 +140,33 @@ class RunSummary:
             text += f", {format_bytes(self.nbytes)} ({format_bytes(int(self.nbytes / max(self.seconds, 1e-9)))}/s)"
         mems = []
         if self.peak_worker_memory_bytes is not None:
-            mems.append(f"peak worker memory {format_bytes(self.peak_worker_memory_bytes)} (ru_maxrss of the workers)")
-        if self.sampled_peak_rss_bytes is not None:
+            how = " (sampled)" if self.peak_worker_memory_sampled else ""
+            mems.append(f"peak memory per worker {format_bytes(self.peak_worker_memory_bytes)}{how}")
+        if self.sampled_peak_rss_bytes is not None and not self.peak_worker_memory_sampled:
             mems.append(f"highest sampled worker RSS {format_bytes(self.sampled_peak_rss_bytes)}")
         return text + ("; " + ", ".join(mems) if mems else "") + "."
 
 
-def _maxrss_bytes() -> int:
-    """Peak resident set size of this process in bytes (ru_maxrss is in KiB on Linux)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+def _reset_peak_memory() -> bool:
+    """Reset this process's peak resident memory (VmHWM) to its current RSS; False where Linux /proc is absent."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_memory_bytes() -> int | None:
+    """This process's peak resident memory (``VmHWM``, in kB in /proc/self/status) in bytes, or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _sample_worker_rss(client: distributed.Client) -> tuple[int, int]:
@@ -171,21 +192,34 @@ def run_tasks(client: distributed.Client, func: Callable[..., Any], args_list: l
         raise ValueError(f"{label}: all argument tuples must have the same length")
     token = dask.base.tokenize(func, args_list)
     keys = [f"{label}-{i}-{token}" for i in range(n)]
+    reset_worker_peaks(client)
     futures = client.map(func, *map(list, zip(*args_list)), key=keys, pure=True) if n else []
-    return watch(client, futures, label=label, log=log, nbytes=nbytes)
+    return watch(client, futures, label=label, log=log, nbytes=nbytes, peaks_reset=True)
+
+
+def reset_worker_peaks(client: distributed.Client) -> None:
+    """Start every worker's peak-memory count afresh; call it before submitting a run's tasks."""
+    client.run(_reset_peak_memory, on_error="return")
 
 
 def watch(client: distributed.Client, futures: list, *, label: str, log: Log = print,
-          nbytes: int | None = None) -> tuple[list, RunSummary]:
+          nbytes: int | None = None, peaks_reset: bool = False) -> tuple[list, RunSummary]:
     """Wait for ``futures`` showing progress, then gather their results (in order) and summarise.
 
     Progress shows as a live bar on a terminal, otherwise as a log line every
     ``progress-interval`` seconds. On an error the remaining futures are cancelled and the
     task's exception is raised; so they are on an interrupt.
+
+    The summary's worker peak memory counts from :func:`reset_worker_peaks`: callers that
+    submit the futures themselves should call it first and pass ``peaks_reset=True``;
+    otherwise the peaks are reset here, just after submission, and memory a task already
+    used and freed by then is missed.
     """
     n = len(futures)
     interval = float(config.get("progress-interval"))
     live = sys.stderr.isatty()
+    if not peaks_reset:
+        reset_worker_peaks(client)
     t0 = time.monotonic()
     peak_sampled, n_workers, last_line, last_sample = 0, 0, t0, -1.0
     try:
@@ -213,9 +247,11 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
         client.cancel(futures)
         raise
     seconds = time.monotonic() - t0
-    maxrss = client.run(_maxrss_bytes, on_error="return")
-    peaks = [v for v in maxrss.values() if isinstance(v, int)]
-    summary = RunSummary(label, n, seconds, max(n_workers, len(peaks)), max(peaks, default=None),
-                         peak_sampled or None, nbytes)
+    reported = client.run(_peak_memory_bytes, on_error="return")
+    peaks = [v for v in reported.values() if isinstance(v, int)]
+    sampled = not peaks and bool(peak_sampled)
+    summary = RunSummary(label, n, seconds, max(n_workers, len(reported)),
+                         max(peaks, default=None) or (peak_sampled or None), peak_sampled or None, nbytes,
+                         peak_worker_memory_sampled=sampled)
     log(str(summary))
     return results, summary

@@ -18,11 +18,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import dask
+import numpy as np
 import psutil
 import pytest
 import yaml
 from distributed import Client, LocalCluster
 
+from dparticles import cluster as cluster_module
 from dparticles import config
 from dparticles.cluster import RunSummary, cluster_client, run_tasks
 
@@ -162,6 +164,41 @@ def test_run_tasks_raises_task_error_and_cancels_the_rest(shared_cluster):
             run_tasks(client, operator.truediv, [(1, 1), (1, 0), (2, 1)], label="div", log=lambda m: None)
         with pytest.raises(ValueError, match="same length"):
             run_tasks(client, operator.add, [(1, 2), (1,)], label="bad", log=lambda m: None)
+
+
+@pytest.mark.timeout(180)
+def test_worker_memory_is_the_workers_own_not_the_parents():
+    """Spawned workers inherit the parent's ru_maxrss; the summary must report what the workers used."""
+    big = np.ones(2 * 2**30 // 8)                      # 2 GiB, touched, held while the cluster starts
+    assert psutil.Process().memory_info().rss > 2 * 2**30
+    log: list[str] = []
+    with cluster_client(n_workers=2, threads_per_worker=1, log=log.append) as client:
+        results, summary = run_tasks(client, sum, [(range(i, i + 1000),) for i in range(8)], label="small",
+                                     log=log.append)
+    assert results == [expected_sum(i, 1000) for i in range(8)]
+    assert 5 * 2**20 < summary.peak_worker_memory_bytes < 512 * 2**20, summary
+    assert not summary.peak_worker_memory_sampled
+    assert "peak memory per worker" in str(summary) and "ru_maxrss" not in str(summary)
+    del big
+
+
+def test_worker_memory_falls_back_to_the_sampled_rss_without_proc(monkeypatch):
+    """Where workers cannot read their peak (no /proc), the summary gives the sampled RSS and says so."""
+    monkeypatch.setattr(cluster_module, "_peak_memory_bytes", lambda: None)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:                   # in-process worker: it runs the patched reader
+        _, summary = run_tasks(client, operator.add, [(1, 2)], label="fallback", log=lambda m: None)
+    assert summary.peak_worker_memory_sampled
+    assert summary.peak_worker_memory_bytes == summary.sampled_peak_rss_bytes > 10**7
+    assert str(summary).endswith("(sampled).")
+
+
+def test_run_summary_text():
+    s = RunSummary("x", 4, 2.0, 2, 223 * 2**20, 100 * 2**20)
+    assert str(s) == ("x: 4 tasks in 2.0 s (2.00 tasks/s) on 2 workers; peak memory per worker 223.00 MiB, "
+                      "highest sampled worker RSS 100.00 MiB.")
+    fallback = RunSummary("x", 4, 2.0, 2, 100 * 2**20, 100 * 2**20, peak_worker_memory_sampled=True)
+    assert str(fallback).endswith("; peak memory per worker 100.00 MiB (sampled).")
 
 
 @pytest.mark.timeout(180)
