@@ -8,10 +8,14 @@ dask-jobqueue or inside a batch allocation, reached by address or scheduler file
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import os
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,13 +23,52 @@ from typing import Any
 
 import dask
 import distributed
+import distributed.client
+import distributed.comm
 import psutil
-from dask.utils import format_bytes, parse_bytes
+from dask.utils import format_bytes, parse_bytes, parse_timedelta
+from distributed.comm.addressing import parse_host_port, unparse_host_port
+from distributed.security import Security
+from tornado.iostream import StreamClosedError
 
 from . import config
 from .errors import ParticleError
 
 Log = Callable[[str], Any]
+
+
+def _fail_setting(name: str, flag: str, value: Any, expected: str) -> ParticleError:
+    return ParticleError(f"{name} must be {expected}, got {value!r} "
+                         f"(--{flag} or dparticles.cluster.{flag} in the dask config)")
+
+
+def _cluster_settings(n_workers: int | None, threads_per_worker: int | None,
+                      memory_limit: str | int | None) -> tuple[int | None, int, str | int | float | None]:
+    """Sizing of an embedded cluster from keywords and config, checked before anything starts.
+
+    ``n_workers`` may stay None (sized to the machine later); ``memory_limit`` is "auto",
+    a byte count (``4GB``, ``4e9``), a fraction of RAM (a float up to 1, as distributed reads
+    it), or 0/None for no limit.
+    """
+    n = config.get("cluster.n-workers", n_workers)
+    threads = config.get("cluster.threads-per-worker", threads_per_worker)
+    mem = config.get("cluster.memory-limit", memory_limit)
+    for name, flag, value, may_be_none in (("n_workers", "n-workers", n, True),
+                                           ("threads_per_worker", "threads-per-worker", threads, False)):
+        if value is None and may_be_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _fail_setting(name, flag, value, "a whole number of at least 1")
+    if isinstance(mem, str) and mem.strip().lower() == "auto":
+        mem = "auto"
+    elif mem is not None:
+        try:
+            ok = not isinstance(mem, bool) and (parse_bytes(mem) if isinstance(mem, str) else float(mem)) >= 0
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise _fail_setting("memory_limit", "memory-limit", mem, '"auto" or a size such as 4GB')
+    return n, threads, mem
 
 
 def _local_cluster_size(n_workers: int | None, threads_per_worker: int | None,
@@ -35,37 +78,220 @@ def _local_cluster_size(n_workers: int | None, threads_per_worker: int | None,
     Unless configured, one single-threaded worker per CPU, but no more workers than
     fit 80% of the RAM at ``memory-budget`` each, so a laptop does not swap.
     """
-    threads = int(config.get("cluster.threads-per-worker", threads_per_worker) or 1)
-    n = config.get("cluster.n-workers", n_workers)
+    n, threads, mem = _cluster_settings(n_workers, threads_per_worker, memory_limit)
     if n is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         budget = parse_bytes(str(config.get("memory-budget")))
         n = max(1, min(cpus // threads, int(0.8 * psutil.virtual_memory().total) // budget))
-    return int(n), threads, config.get("cluster.memory-limit", memory_limit)
+    return int(n), threads, mem
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (with SO_REUSEADDR, as tornado binds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    """A port the kernel considers free on ``host`` right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _dashboard_address(host: str) -> str | None:
     """Configured dashboard address, bound to ``host`` when it names only a port.
 
-    distributed reads ``":8787"`` as all interfaces; we never want that implicitly.
+    distributed reads ``":8787"`` as all interfaces; we never want that implicitly. When the
+    configured port is taken, another free port on the same host is chosen here, so
+    distributed does not warn about it (the URL is logged either way).
     """
     addr = config.get("cluster.dashboard-address")
     if addr is None:
         return None
     addr = str(addr)
-    return f"{host}{addr}" if addr.startswith(":") else addr
+    if addr.startswith(":"):
+        addr = f"{unparse_host_port(host)}{addr}"
+    try:
+        dash_host, port = parse_host_port(addr)
+    except ValueError:
+        return addr                                  # let distributed judge what it does not parse
+    if port and not _port_is_free(dash_host, port):
+        port = _free_port(dash_host)
+    return unparse_host_port(dash_host, port)
+
+
+def _connect_timeout(override: float | str | None) -> float:
+    """Seconds to wait for a scheduler (keyword > ``dparticles.cluster.connect-timeout``)."""
+    value = config.get("cluster.connect-timeout", override)
+    try:
+        seconds = parse_timedelta(value, default="s")
+    except (ValueError, TypeError, KeyError):
+        seconds = None
+    if not isinstance(seconds, int | float) or seconds <= 0:
+        raise ParticleError(f"connect timeout must be a positive duration such as 20s, got {value!r} "
+                            "(dparticles.cluster.connect-timeout in the dask config)")
+    return float(seconds)
+
+
+def _client_security(address: str, security: Any) -> Security:
+    """The Security a ``distributed.Client`` would use for ``address``, resolved once for probe and client."""
+    if security is None:
+        loader = getattr(distributed.client, "_maybe_call_security_loader", None)
+        security = loader(address) if loader else None
+    if security is None or security is False:
+        return Security()
+    if isinstance(security, dict):
+        return Security(**security)
+    if security is True:
+        return Security.temporary()
+    return security
+
+
+class _Unreachable(Exception):
+    """The probe did not get a scheduler's answer; the message says why, in a few words."""
+
+
+class _NotAScheduler(Exception):
+    """The probe got an answer that is not Dask's."""
+
+
+def _reason(exc: BaseException) -> str:
+    """A few words for why a connection failed, from the innermost cause."""
+    inner = exc
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__
+    if isinstance(inner, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(inner, distributed.comm.CommClosedError | StreamClosedError):
+        return "the connection was closed at once (a tls:// scheduler addressed as tcp://?)"
+    if isinstance(inner, TimeoutError | asyncio.TimeoutError | asyncio.CancelledError):
+        return "no answer"
+    text = str(inner).strip() or type(inner).__name__
+    return text.splitlines()[0]
+
+
+async def _tcp_state(address: str) -> str | None:
+    """Whether a TCP connection to a tcp:// or tls:// address is refused or accepted now (0.25 s at most)."""
+    try:
+        scheme, location = distributed.comm.parse_address(address)
+        if scheme not in ("tcp", "tls"):
+            return None
+        host, port = parse_host_port(location)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.25)
+    except ConnectionRefusedError:
+        return "connection refused"
+    except (OSError, ValueError, asyncio.TimeoutError):
+        return None
+    writer.close()
+    return "the port accepted the connection but nothing answered"
+
+
+def _probe_scheduler(address: str, security: Security, timeout: float) -> None:
+    """Ask ``address`` who it is, within ``timeout`` seconds, or raise a one-line ParticleError.
+
+    ``distributed.Client`` bounds its TCP (and TLS) connection by its ``timeout`` but then waits
+    for the scheduler's handshake without any bound: a port that accepts and never answers
+    hangs it for good. This probe runs the same connection and one ``identity`` call under a
+    hard deadline, on its own event loop in a thread (the caller may be inside a running loop,
+    as in a notebook).
+    """
+    if security.require_encryption and not address.startswith("tls://"):
+        raise ParticleError(f"the dask config requires encryption (distributed.comm.require-encryption) "
+                            f"but {address} is not a tls:// address")
+
+    async def probe() -> dict:
+        comm = await distributed.comm.connect(address, timeout=timeout, **security.get_connection_args("client"))
+        try:
+            await comm.write({"op": "identity", "reply": True})   # every Dask server answers this
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    async def bounded() -> dict:
+        # connect() gives up by itself at `timeout` when refused or unanswered at the TCP/TLS
+        # level; the small extra only lets that clearer error win over the bare deadline
+        try:
+            return await asyncio.wait_for(probe(), timeout + 0.25)
+        except asyncio.TimeoutError:
+            raise _Unreachable("the port accepted the connection but nothing answered") from None
+        except OSError as exc:
+            reason = _reason(exc)
+            if reason == "no answer":                 # distributed keeps only its last attempt's error
+                reason = await _tcp_state(address) or reason
+            raise _Unreachable(reason) from None
+        except TypeError:
+            raise                                     # TLS address without TLS credentials
+        except Exception as exc:                      # something else listens there
+            raise _NotAScheduler(type(exc).__name__) from None
+
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["identity"] = asyncio.run(bounded())
+        except BaseException as exc:             # handed to the calling thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="dparticles-scheduler-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    error = outcome.get("error")
+    if thread.is_alive():
+        error = _Unreachable("no answer")
+    if isinstance(error, _Unreachable):
+        raise ParticleError(f"could not reach the Dask scheduler at {address} within {timeout:g} s: "
+                            f"{error}; is it running?") from None
+    if isinstance(error, _NotAScheduler):
+        raise ParticleError(f"something answered at {address}, but not as a Dask scheduler; "
+                            "check the address and port") from None
+    if isinstance(error, TypeError) and address.startswith("tls://"):
+        raise ParticleError(f"the Dask scheduler at {address} speaks TLS: give its credentials "
+                            "(security=..., or distributed.comm.tls.* in the dask config)") from None
+    if error is not None:
+        raise error
+    identity = outcome.get("identity")
+    kind = identity.get("type") if isinstance(identity, dict) else None
+    if kind != "Scheduler":
+        what = f"is a Dask {kind}, not a scheduler" if isinstance(kind, str) else "answered, but not as a Dask scheduler"
+        raise ParticleError(f"{address} {what}; give the scheduler's address")
+
+
+def _scheduler_file_address(path: str) -> str:
+    """The scheduler address in a scheduler file, or a one-line ParticleError."""
+    try:
+        with open(path) as f:
+            address = json.load(f).get("address")
+    except FileNotFoundError:
+        raise ParticleError("scheduler file not found; is the scheduler running and the path on a "
+                            "file system shared with this node?", path=path) from None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ParticleError(f"not a readable scheduler file ({_reason(exc)})", path=path) from None
+    if not isinstance(address, str) or "://" not in address:
+        raise ParticleError("not a scheduler file: no scheduler address in it", path=path)
+    return address
 
 
 @contextlib.contextmanager
 def cluster_client(scheduler: str | None = None, scheduler_file: str | None = None, *,
                    n_workers: int | None = None, threads_per_worker: int | None = None,
                    memory_limit: str | None = None, security: Any = None,
+                   connect_timeout: float | str | None = None,
                    log: Log = print) -> Iterator[distributed.Client]:
     """Yield a client, choosing in order: an explicit scheduler, the active client, a new LocalCluster.
 
     - ``scheduler`` (address such as ``tcp://node:8786`` or ``tls://...``) or ``scheduler_file``
       (written by ``dask scheduler --scheduler-file`` or dask-jobqueue): connect; the
-      scheduler is left running, only our client is closed.
+      scheduler is left running, only our client is closed. A scheduler that does not answer
+      within ``connect_timeout`` (``dparticles.cluster.connect-timeout``, 20 s) is a
+      one-line ParticleError.
     - Otherwise an active ``distributed.Client`` (a notebook's) is reused and left open.
     - Otherwise an embedded ``LocalCluster(processes=True)`` sized to the machine is started
       on ``cluster.host`` (127.0.0.1 by default, dashboard too), its dashboard URL is logged,
@@ -73,16 +299,23 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
 
     ``security`` (a ``distributed.security.Security``) is needed for ``tls://`` schedulers;
     left as None, distributed's own ``distributed.comm.tls`` config applies. The sizing
-    keywords only apply to an embedded cluster.
+    keywords only apply to an embedded cluster, but are checked first in every case.
     """
+    n_workers, threads_per_worker, memory_limit = _cluster_settings(n_workers, threads_per_worker, memory_limit)
     if scheduler and scheduler_file:
         raise ParticleError("give a scheduler address or a scheduler file, not both")
     if scheduler or scheduler_file:
-        if scheduler_file and not os.path.exists(scheduler_file):
-            raise ParticleError("scheduler file not found; is the scheduler running and the path on a "
-                                "file system shared with this node?", path=scheduler_file)
-        with distributed.Client(scheduler, scheduler_file=scheduler_file, security=security,
-                                set_as_default=False) as client, client.as_current():
+        timeout = _connect_timeout(connect_timeout)
+        address = scheduler or _scheduler_file_address(str(scheduler_file))
+        sec = _client_security(address, security)
+        _probe_scheduler(address, sec, timeout)
+        try:
+            client = distributed.Client(scheduler, scheduler_file=scheduler_file, security=sec,
+                                        timeout=timeout, set_as_default=False)
+        except OSError as exc:
+            raise ParticleError(f"could not reach the Dask scheduler at {address} within {timeout:g} s: "
+                                f"{_reason(exc)}; is it running?") from None
+        with client, client.as_current():
             log(f"Connected to Dask scheduler {client.scheduler.address} (dashboard: {client.dashboard_link})")
             yield client
         return

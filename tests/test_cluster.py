@@ -14,6 +14,7 @@ import socket
 import ssl
 import threading
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -24,9 +25,10 @@ import pytest
 import yaml
 from distributed import Client, LocalCluster
 
+from dparticles import cli, config
 from dparticles import cluster as cluster_module
-from dparticles import config
 from dparticles.cluster import RunSummary, cluster_client, run_tasks
+from dparticles.errors import ParticleError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,11 +130,117 @@ def test_active_client_is_reused_and_not_closed(shared_cluster):
         assert active.submit(operator.mul, 6, 7).result() == 42
 
 
+def test_a_worker_address_is_not_taken_for_a_scheduler(shared_cluster):
+    cluster, _ = shared_cluster
+    worker = next(iter(cluster.scheduler_info["workers"]))
+    with pytest.raises(ParticleError, match="is a Dask Worker, not a scheduler"):
+        with cluster_client(scheduler=worker, log=lambda m: None):
+            pass
+
+
 def test_missing_scheduler_file_is_a_clear_error(tmp_path):
-    from dparticles.errors import ParticleError
     with pytest.raises(ParticleError, match="scheduler file not found"):
         with cluster_client(scheduler_file=str(tmp_path / "nope.json")):
             pass
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port():
+    """A loopback port that accepts connections (the kernel completes them) and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_scheduler_that_does_not_answer_fails_within_the_timeout(silent_port, tmp_path):
+    """A closed port and a port that accepts and stays silent: one-line error after the timeout, not a hang."""
+    sfile = tmp_path / "scheduler.json"
+    sfile.write_text(f'{{"address": "tcp://127.0.0.1:{silent_port}", "type": "Scheduler"}}')
+    cases = [({"scheduler": f"tcp://127.0.0.1:{closed_port()}"}, "connection refused"),
+             ({"scheduler": f"tcp://127.0.0.1:{silent_port}"}, "nothing answered"),
+             ({"scheduler_file": str(sfile)}, "nothing answered")]
+    with dask.config.set({"dparticles.cluster.connect-timeout": "1s"}):                # config tier
+        for kwargs, why in cases:
+            t0 = time.monotonic()
+            with pytest.raises(ParticleError) as err:
+                with cluster_client(**kwargs, log=lambda m: None):
+                    pass
+            elapsed = time.monotonic() - t0
+            msg = str(err.value)
+            assert "\n" not in msg and msg.startswith("could not reach the Dask scheduler at tcp://127.0.0.1:")
+            assert "within 1 s" in msg and why in msg and msg.endswith("is it running?"), msg
+            assert 0.5 < elapsed < 3.5, (kwargs, elapsed)
+        t0 = time.monotonic()                                                           # keyword beats config
+        with pytest.raises(ParticleError, match="within 0.3 s"):
+            with cluster_client(f"tcp://127.0.0.1:{silent_port}", connect_timeout=0.3, log=lambda m: None):
+                pass
+        assert time.monotonic() - t0 < 2.5
+
+
+def test_cli_prints_one_line_for_an_unreachable_scheduler(particle_set, tmp_path, capsys):
+    star, _ = particle_set
+    with dask.config.set({"dparticles.cluster.connect-timeout": "0.5s"}):
+        rc = cli.main(["restack", str(star), "--out", str(tmp_path / "out"),
+                       "--scheduler", f"tcp://127.0.0.1:{closed_port()}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "could not reach the Dask scheduler" in err, err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_workers": 0}, "n_workers must be a whole number of at least 1, got 0"),
+    ({"threads_per_worker": 0}, "threads_per_worker must be a whole number of at least 1, got 0"),
+    ({"threads_per_worker": -2}, "threads_per_worker"),
+    ({"memory_limit": "lots"}, "memory_limit must be \"auto\" or a size such as 4GB, got 'lots'"),
+    ({"memory_limit": "-1GB"}, "memory_limit"),
+    ({"connect_timeout": "soon", "scheduler": "tcp://127.0.0.1:1"}, "connect timeout must be a positive duration"),
+])
+def test_bad_cluster_arguments_fail_before_anything_starts(kwargs, match):
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    t0 = time.monotonic()
+    with pytest.raises(ParticleError, match=match) as err:
+        with cluster_client(**kwargs, log=lambda m: None):
+            pass
+    assert "\n" not in str(err.value)
+    assert time.monotonic() - t0 < 1.0
+    assert {c.pid for c in psutil.Process().children(recursive=True)} <= before   # no worker was started
+
+
+def test_bad_cluster_setting_in_dask_config_is_caught_too():
+    with dask.config.set({"dparticles.cluster.n-workers": 0}):
+        with pytest.raises(ParticleError, match="dparticles.cluster.n-workers"):
+            with cluster_client(log=lambda m: None):
+                pass
+    for ok in ("auto", "AUTO", "2GB", 2 * 10**9, 0.5, 0):                    # what distributed accepts (0: no limit)
+        assert cluster_module._cluster_settings(1, 1, ok)[2] == ("auto" if str(ok).lower() == "auto" else ok)
+
+
+def test_busy_dashboard_port_is_replaced_by_a_free_one_without_warning():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        log: list[str] = []
+        with dask.config.set({"dparticles.cluster.dashboard-address": f"127.0.0.1:{port}"}), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with cluster_client(n_workers=1, log=log.append) as client:
+                link = urlparse(client.dashboard_link)
+                assert link.hostname == "127.0.0.1" and link.port and link.port != port
+                assert any(client.dashboard_link in m for m in log), log
+        assert not [w for w in caught if "already in use" in str(w.message)], [str(w.message) for w in caught]
+    # a free configured port is used as it is
+    free = closed_port()
+    with dask.config.set({"dparticles.cluster.dashboard-address": f":{free}"}):
+        assert cluster_module._dashboard_address("127.0.0.1") == f"127.0.0.1:{free}"
 
 
 # --- run_tasks --------------------------------------------------------------------------------
@@ -251,7 +359,7 @@ def test_tls_scheduler_needs_the_security_object():
         with cluster_client(scheduler=addr, security=sec, log=lambda m: None) as client:
             results, _ = run_tasks(client, operator.add, [(1, 2), (5, 5)], label="tls", log=lambda m: None)
             assert results == [3, 10]
-        with pytest.raises(TypeError, match="TLS expects"):          # no security: no TLS context
+        with pytest.raises(ParticleError, match="speaks TLS: give its credentials"):   # no security
             with cluster_client(scheduler=addr, log=lambda m: None):
                 pass
         with pytest.raises(OSError):                                  # plain TCP to a TLS listener
