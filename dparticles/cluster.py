@@ -295,11 +295,14 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
     - Otherwise an active ``distributed.Client`` (a notebook's) is reused and left open.
     - Otherwise an embedded ``LocalCluster(processes=True)`` sized to the machine is started
       on ``cluster.host`` (127.0.0.1 by default, dashboard too), its dashboard URL is logged,
-      and it is closed at exit.
+      and it is closed at exit. Its scheduler, nannies and workers speak TLS with a key and
+      certificate made for this run and held only in memory (``Security.temporary()``), so
+      no other account on the machine can connect to them; the dashboard is plain HTTP.
 
     ``security`` (a ``distributed.security.Security``) is needed for ``tls://`` schedulers;
-    left as None, distributed's own ``distributed.comm.tls`` config applies. The sizing
-    keywords only apply to an embedded cluster, but are checked first in every case.
+    left as None, distributed's own ``distributed.comm.tls`` config applies. Given for an
+    embedded cluster, it replaces the temporary credentials. The sizing keywords only apply
+    to an embedded cluster, but are checked first in every case.
     """
     n_workers, threads_per_worker, memory_limit = _cluster_settings(n_workers, threads_per_worker, memory_limit)
     if scheduler and scheduler_file:
@@ -329,12 +332,12 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
         return
     n, threads, mem = _local_cluster_size(n_workers, threads_per_worker, memory_limit)
     host = str(config.get("cluster.host"))
-    kwargs: dict[str, Any] = {"security": security} if security is not None else {}
+    sec = security if security is not None else Security.temporary()
     # workers log a failed task with its traceback; the job reports the error once, clearly
     with distributed.LocalCluster(n_workers=n, threads_per_worker=threads, memory_limit=mem, processes=True,
                                   host=host, dashboard_address=_dashboard_address(host),
-                                  silence_logs=logging.CRITICAL, **kwargs) as cluster, \
-            distributed.Client(cluster, security=security, set_as_default=False) as client, client.as_current():
+                                  silence_logs=logging.CRITICAL, security=sec) as cluster, \
+            distributed.Client(cluster, security=sec, set_as_default=False) as client, client.as_current():
         limits = {w.get("memory_limit") for w in cluster.scheduler_info.get("workers", {}).values()}
         mem_text = ", ".join(format_bytes(m) if m else "no limit" for m in limits) or str(mem)
         log(f"Started a local Dask cluster: {n} workers x {threads} threads, {mem_text} memory each; "

@@ -91,9 +91,9 @@ def test_embedded_cluster_listens_on_loopback_only_and_is_closed():
     with dask.config.set({"dparticles.cluster.dashboard-address": ":0"}):     # port only: host is added
         with cluster_client(n_workers=1, threads_per_worker=1, log=messages.append) as client:
             cluster = client.cluster
-            assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+            assert client.scheduler.address.startswith("tls://127.0.0.1:")        # per-run credentials
             workers = client.scheduler_info()["workers"]
-            assert len(workers) == 1 and all(a.startswith("tcp://127.0.0.1:") for a in workers)
+            assert len(workers) == 1 and all(a.startswith("tls://127.0.0.1:") for a in workers)
             link = urlparse(client.dashboard_link)
             assert link.hostname == "127.0.0.1" and link.port
             assert any(client.dashboard_link in m for m in messages), messages
