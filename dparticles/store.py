@@ -28,7 +28,7 @@ from dask.highlevelgraph import HighLevelGraph
 from dparticles import config, layout
 from dparticles.cluster import RunSummary, cluster_client, watch
 from dparticles.errors import ParticleError
-from dparticles.output import prepare_output, remove_temporaries, write_metadata
+from dparticles.output import prepare_output, refuse_inputs, remove_temporaries, write_metadata
 from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
 from dparticles.io.mrc import HEADER_BYTES, stack_header
 from dparticles.writer import (RECORDS, copy_segments, finish_file, record_path, verify_copy, verify_record,
@@ -116,8 +116,8 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
     for d, z in zip(dss, zarrs):
         if z is not None:  # before any work: no cache may replace an input or an unasked-for cache
             check_zarr_target(z, d, overwrite=overwrite)
-    plans = [None if o is None else _plan(d, o, batch_size, float16, overwrite, label)
-             for d, o in zip(dss, outs)]
+    plans = [None if o is None else _plan(d, o, batch_size, float16) for d, o in zip(dss, outs)]
+    _prepare([p for p in plans if p is not None], overwrite, label)
     nonce = secrets.token_hex(8)
     summary = None
     try:
@@ -145,7 +145,8 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
             continue
         done = [stats for key, r in by_key.items() if key[0] == f"piece-{p.token}" for stats in r.values()]
         if p.dtype == "<f2":
-            notes.insert(0, float16_report(done, d.sizes["particle"] * d.sizes["y"] * d.sizes["x"], int(p.kept.sum())))
+            written = int(np.diff(p.files)[~p.kept].sum())  # the error is over the files written now
+            notes.insert(0, float16_report(done, written * d.sizes["y"] * d.sizes["x"], int(p.kept.sum())))
         write_metadata(p.out, d, *_positions(p), cs=d.attrs.get("format") == "cryosparc")
         reports.append(StoreResult(p.out, d.sizes["particle"], len(p.names), int(p.kept.sum()), summary, notes,
                                    copied=p.copy is not None))
@@ -175,8 +176,8 @@ def _check_images(ds: xr.Dataset) -> None:
                             "metadata need", path=ds.attrs.get("source"))
 
 
-def _plan(ds: xr.Dataset, out: Path, batch_size: int, float16: bool, overwrite: bool, label: str) -> _Plan:
-    """Decide the output mode, files and copy ranges; prepare the folder (refusals, resume)."""
+def _plan(ds: xr.Dataset, out: Path, batch_size: int, float16: bool) -> _Plan:
+    """Decide the output mode, files and copy ranges (the folder is prepared by :func:`_prepare`)."""
     images = ds["images"].data
     if not isinstance(images, da.Array):
         images = da.from_array(np.asarray(images), chunks=(max(1, 2**26 // max(1, images[0].nbytes)), -1, -1))
@@ -193,9 +194,6 @@ def _plan(ds: xr.Dataset, out: Path, batch_size: int, float16: bool, overwrite: 
     names = [f"stacks/batch_{k:06d}.mrcs" for k in range(len(files) - 1)]
     pixel = ds["pixel_size"].values[files[:-1]]
     token = tokenize("to_stacks", images.name, dtype, batch_size, pixel, _sources_stamp(ds))
-    out = prepare_output(out, ds, overwrite=overwrite, job=label, token=token)
-    (out / "stacks").mkdir(exist_ok=True)
-    (out / RECORDS).mkdir(exist_ok=True)
     image_bytes = ds.sizes["y"] * ds.sizes["x"] * np.dtype(dtype).itemsize
     if copy is not None:
         pieces = layout.bounds(n, max(1, min(_piece_bytes() // image_bytes, -(-n // MIN_PIECES))))
@@ -206,6 +204,27 @@ def _plan(ds: xr.Dataset, out: Path, batch_size: int, float16: bool, overwrite: 
         pieces = np.concatenate([[0], np.cumsum(images.chunks[0])]).astype(np.int64)
     plan = _Plan(ds, out, dtype, files, names, token, pieces, copy, np.zeros(len(names), dtype=bool))
     return plan
+
+
+def _prepare(plans: list[_Plan], overwrite: bool, label: str) -> None:
+    """Prepare every output folder (refusals, resume), refusing any before changing one: when one
+    folder of a list is refused, the others are left as they were, neither created nor emptied."""
+    seen = set()
+    for p in plans:
+        if p.out.resolve() in seen:
+            raise ParticleError("the same output folder is given for two datasets; give each its own", path=p.out)
+        seen.add(p.out.resolve())
+        refuse_inputs(p.out, p.ds)
+        if p.out.exists() and not p.out.is_dir():
+            raise ParticleError("output exists and is not a folder", path=p.out)
+    # without overwrite, prepare_output refuses (or resumes) a folder an earlier run filled before
+    # changing anything in it: those go first, so that a refusal comes before any folder is made
+    def filled(p: _Plan) -> bool:
+        return not overwrite and p.out.is_dir() and any(p.out.iterdir())
+    for p in sorted(plans, key=lambda p: not filled(p)):
+        p.out = prepare_output(p.out, p.ds, overwrite=overwrite, job=label, token=p.token)
+        (p.out / "stacks").mkdir(exist_ok=True)
+        (p.out / RECORDS).mkdir(exist_ok=True)
 
 
 def _piece_bytes() -> int:
