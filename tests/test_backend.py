@@ -1,0 +1,32 @@
+"""xarray opens particle sets itself: ``xr.open_dataset(path, engine="dparticles")`` (or with the
+engine guessed from the file) gives what ``open_particles`` gives, lazily."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+import dparticles
+
+SELECT = "relion31_sim_ribo70S_b128/Select/job010/particles.star"
+CS = "cryodrgn/empiar_10076_7/empiar_10076_7.cs"
+
+
+def test_open_dataset_with_the_engine_equals_open_particles(real):
+    for rel in (SELECT, CS):
+        got = xr.open_dataset(real / rel, engine="dparticles")
+        want = dparticles.open_particles(real / rel)
+        assert isinstance(got["images"].data, da.Array)  # nothing read yet
+        assert got.sizes == want.sizes and set(got.coords) == set(want.coords)
+        np.testing.assert_array_equal(got["images"][:4].values, want["images"][:4].values)
+        np.testing.assert_array_equal(got["defocus_u"].values, want["defocus_u"].values)
+
+
+def test_engine_is_guessed_and_takes_open_options(real, tmp_path):
+    ds = xr.open_dataset(real / SELECT, pixel_size=3.0, drop_variables=["angle_rot"], particle_chunks=10)
+    assert (ds["pixel_size"].values == 3.0).all() and "angle_rot" not in ds
+    assert ds["images"].data.chunks[0][0] == 10
+    dparticles.restack(real / SELECT, tmp_path / "out", batch_size=100, cluster={"n_workers": 1}, log=lambda *_: None)
+    folder = xr.open_dataset(tmp_path / "out")  # a dparticles output folder
+    np.testing.assert_array_equal(folder["images"].values, dparticles.open_particles(real / SELECT)["images"].values)
