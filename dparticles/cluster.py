@@ -370,17 +370,15 @@ class RunSummary:
     peak_worker_memory_sampled: bool = False
 
     def __str__(self) -> str:
-        rate = self.n_tasks / self.seconds if self.seconds > 0 else float("inf")
-        text = f"{self.label}: {self.n_tasks} tasks in {self.seconds:.1f} s ({rate:.2f} tasks/s) on {self.n_workers} workers"
+        tasks = "1 task" if self.n_tasks == 1 else f"{self.n_tasks} tasks"
+        workers = "1 worker" if self.n_workers == 1 else f"{self.n_workers} workers"
+        text = f"{self.label}: {tasks} in {self.seconds:.1f} s on {workers}"
         if self.nbytes is not None:
-            text += f", {format_bytes(self.nbytes)} ({format_bytes(int(self.nbytes / max(self.seconds, 1e-9)))}/s)"
-        mems = []
+            text += f", {format_bytes(self.nbytes)} written ({format_bytes(int(self.nbytes / max(self.seconds, 1e-9)))}/s)"
         if self.peak_worker_memory_bytes is not None:
             how = " (sampled)" if self.peak_worker_memory_sampled else ""
-            mems.append(f"peak memory per worker {format_bytes(self.peak_worker_memory_bytes)}{how}")
-        if self.sampled_peak_rss_bytes is not None and not self.peak_worker_memory_sampled:
-            mems.append(f"highest sampled worker RSS {format_bytes(self.sampled_peak_rss_bytes)}")
-        return text + ("; " + ", ".join(mems) if mems else "") + "."
+            text += f"; at most {format_bytes(self.peak_worker_memory_bytes)} of memory per worker{how}"
+        return text + "."
 
 
 def _reset_peak_memory() -> bool:
@@ -433,6 +431,20 @@ def run_tasks(client: distributed.Client, func: Callable[..., Any], args_list: l
     return watch(client, futures, label=label, log=log, nbytes=nbytes, peaks_reset=True)
 
 
+def _progress_bar(label: str, n: int, nbytes: int | None):
+    """A tqdm bar in bytes (or tasks) on a terminal or in Jupyter; None elsewhere (log lines then)."""
+    in_notebook = "ipykernel" in sys.modules
+    if not (sys.stderr.isatty() or in_notebook) or n == 0:
+        return None
+    try:
+        import ipywidgets  # noqa: F401  (the widget needs it)
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm import tqdm
+    unit = {"unit": "B", "unit_scale": True, "unit_divisor": 1024} if nbytes else {"unit": "task"}
+    return tqdm(total=nbytes or n, desc=label, file=sys.stderr, leave=True, dynamic_ncols=True, **unit)
+
+
 def reset_worker_peaks(client: distributed.Client) -> None:
     """Start every worker's peak-memory count afresh; call it before submitting a run's tasks."""
     client.run(_reset_peak_memory, on_error="return")
@@ -442,9 +454,10 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
           nbytes: int | None = None, peaks_reset: bool = False) -> tuple[list, RunSummary]:
     """Wait for ``futures`` showing progress, then gather their results (in order) and summarise.
 
-    Progress shows as a live bar on a terminal, otherwise as a log line every
-    ``progress-interval`` seconds. On an error the remaining futures are cancelled and the
-    task's exception is raised; so they are on an interrupt.
+    Progress shows as a live bar (tqdm: bytes/s and time left) on a terminal or in Jupyter (a
+    widget where ipywidgets is installed), otherwise as a log line every ``progress-interval``
+    seconds. On an error the remaining futures are cancelled and the task's exception is
+    raised; so they are on an interrupt.
 
     The summary's worker peak memory counts from :func:`reset_worker_peaks`: callers that
     submit the futures themselves should call it first and pass ``peaks_reset=True``;
@@ -453,35 +466,38 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
     """
     n = len(futures)
     interval = float(config.get("progress-interval"))
-    live = sys.stderr.isatty()
     if not peaks_reset:
         reset_worker_peaks(client)
     t0 = time.monotonic()
-    peak_sampled, n_workers, last_line, last_sample = 0, 0, t0, -1.0
+    peak_sampled, n_workers, last_line, last_sample, done = 0, 0, t0, -1.0, 0
+    finished = distributed.as_completed(futures)
+    bar = _progress_bar(label, n, nbytes)
     try:
         while True:
-            done = sum(f.done() for f in futures)
+            batch = finished.next_batch(block=False)  # no per-future loop: cost grows with completions only
+            done += len(batch)
+            if bar is not None and batch:
+                bar.update(len(batch) * ((nbytes or n) / max(n, 1)))
+                bar.set_postfix_str(f"{done}/{n} tasks", refresh=False)
             now = time.monotonic()
             if now - last_sample >= 1.0 or done == n:   # one scheduler round trip per second at most
                 rss, n_workers = _sample_worker_rss(client)
                 peak_sampled, last_sample = max(peak_sampled, rss), now
-            if any(f.status == "error" for f in futures) or done == n:
+            if done == n or any(f.status == "error" for f in batch):
                 break
-            rate = done / (now - t0) if now > t0 else 0.0
-            if live:
-                bar = "#" * (30 * done // max(n, 1))
-                sys.stderr.write(f"\r{label} [{bar:<30}] {done}/{n} {rate:.1f} tasks/s ")
-                sys.stderr.flush()
-            elif now - last_line >= interval:
-                log(f"{label}: {done}/{n} tasks done, {rate:.2f} tasks/s, {now - t0:.0f} s")
+            if bar is None and now - last_line >= interval:
+                left = (now - t0) * (n - done) / done if done else float("nan")
+                log(f"{label}: {done}/{n} tasks done in {now - t0:.0f} s, about {left:.0f} s left")
                 last_line = now
-            time.sleep(min(0.2, interval) if interval > 0 else 0.05)
-        if live:
-            sys.stderr.write("\n")
+            if not batch:
+                time.sleep(min(0.1, interval) if interval > 0 else 0.05)
         results = client.gather(futures)
     except BaseException:
         client.cancel(futures)
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.monotonic() - t0
     reported = client.run(_peak_memory_bytes, on_error="return")
     peaks = [v for v in reported.values() if isinstance(v, int)]
