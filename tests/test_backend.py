@@ -30,3 +30,12 @@ def test_engine_is_guessed_and_takes_open_options(real, tmp_path):
     dparticles.restack(real / SELECT, tmp_path / "out", batch_size=100, cluster={"n_workers": 1}, log=lambda *_: None)
     folder = xr.open_dataset(tmp_path / "out")  # a dparticles output folder
     np.testing.assert_array_equal(folder["images"].values, dparticles.open_particles(real / SELECT)["images"].values)
+
+
+def test_plain_xarray_opens_a_zarr_cache_without_warnings(real, tmp_path):
+    import warnings
+    dparticles.restack(real / SELECT, None, zarr=tmp_path / "c.zarr", cluster={"n_workers": 1}, log=lambda *_: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = xr.open_zarr(tmp_path / "c.zarr")
+    np.testing.assert_array_equal(z["images"].values, dparticles.open_particles(real / SELECT)["images"].values)

@@ -1,13 +1,12 @@
-"""zarr particle caches as a storage engine: open one lazily, and read slices of it in batch tasks."""
+"""zarr particle caches as a storage engine: open one lazily (images as dask, metadata loaded)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
-import zarr
 
 from dparticles.errors import ParticleError
 
@@ -15,7 +14,7 @@ from dparticles.errors import ParticleError
 def open_zarr(path: Path) -> xr.Dataset:
     """Open a zarr cache written by :func:`dparticles.sinks.prepare_zarr` (images lazily, as dask)."""
     try:
-        ds = xr.open_zarr(path, consolidated=False)
+        ds = xr.open_zarr(path, consolidated=_consolidated(path))
     except Exception as exc:
         raise ParticleError(f"could not open as a dparticles zarr cache ({exc})", path=path) from exc
     if "images" not in ds:
@@ -30,18 +29,9 @@ def open_zarr(path: Path) -> xr.Dataset:
     return ds
 
 
-@dataclass(frozen=True)
-class ZarrSource:
-    """A zarr cache as a batch source: what the writer needs to read particles ``[start, stop)``."""
-
-    path: str
-    ny: int
-    nx: int
-    dtype: str
-
-    @property
-    def image_bytes(self) -> int:
-        return self.ny * self.nx * np.dtype(self.dtype).itemsize
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(zarr.open_array(f"{self.path}/images", mode="r")[start:stop])
+def _consolidated(path: Path) -> bool:
+    """Whether a zarr v3 store carries consolidated metadata (caches written before it did not)."""
+    try:
+        return json.loads((Path(path) / "zarr.json").read_text()).get("consolidated_metadata") is not None
+    except (OSError, ValueError):
+        return False
