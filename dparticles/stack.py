@@ -13,8 +13,8 @@ import numpy as np
 from dask.base import tokenize
 
 from dparticles.errors import ParticleError
-from dparticles.io.mrc import StackInfo, read_info, read_runs
-from dparticles.planning import chunk_bounds, plan_runs
+from dparticles.io.mrc import StackInfo, read_chunk, read_info
+from dparticles.planning import chunk_bounds, plan_reads
 
 
 def search_roots(metadata_path: Path, data_dir: str | os.PathLike | None) -> list[Path]:
@@ -93,16 +93,22 @@ def lazy_images(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.n
                 chunk: int) -> da.Array:
     """A dask array (particle, y, x) in metadata order, ``chunk`` particles per chunk.
 
-    Each chunk is one task holding only its own runs (small tuples of path, offsets and ranges):
-    no memory map and no whole-table array is captured in the graph.
+    Each chunk is one task holding only what it reads: the headers of its stacks (path, offset,
+    mode), its runs in source order (stack, start, stop) and the order that puts them back in
+    metadata order, as compact integer arrays; no memory map and no whole-table array is captured
+    in the graph. Shuffled particles (after classification or random splits) are read sorted by
+    stack and image, each run of neighbouring images with one read.
     """
     n = len(indices)
     box = infos[0].ny
     dtypes = {np.dtype(i.dtype).newbyteorder("=") for i in infos}
     dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
     bounds = chunk_bounds(n, chunk)
-    plan = plan_runs(stack_ids, indices, bounds)
     name = "particles-" + tokenize([(i.path, i.n, i.offset, i.dtype) for i in infos], stack_ids, indices, chunk)
-    dsk = {(name, k, 0, 0): (read_runs, [(infos[s], a, b) for s, a, b in runs], dtype.str) for k, runs in enumerate(plan)}
+    dsk = {}
+    for k, (runs, order) in enumerate(plan_reads(stack_ids, indices, bounds)):
+        used, local = np.unique(runs[:, 0], return_inverse=True)  # the chunk's stacks, numbered from 0
+        runs[:, 0] = local
+        dsk[(name, k, 0, 0)] = (read_chunk, tuple(infos[s] for s in used.tolist()), runs, order, dtype.str)
     chunks = (tuple(np.diff(bounds).tolist()), (box,), (box,))
     return da.Array(dsk, name, chunks, dtype=dtype)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from itertools import groupby
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,38 +74,143 @@ def read_info(path: str) -> StackInfo:
     return info
 
 
-def read_runs(runs: Sequence[tuple[StackInfo, int, int]], dtype: str | None = None) -> np.ndarray:
-    """Read images ``[start, stop)`` of each stack in turn and return them concatenated, in native
-    byte order (converted to ``dtype`` when given, for sets whose stacks differ in mode).
+def read_chunk(stacks: Sequence[StackInfo], runs, order: np.ndarray | None = None,
+               dtype: str | None = None) -> np.ndarray:
+    """Read runs of images straight from their stacks into an array in metadata order.
 
-    Each stack is opened by path as an mrcfile memory map, once for all its consecutive runs, the
-    runs are copied out, and the map is closed, so nothing mapped outlives the call (safe inside
-    dask tasks).
+    ``runs`` holds rows ``(stack, start, stop)``: images ``[start, stop)`` of ``stacks[stack]``, read
+    in the order given (best sorted by stack and image, as ``planning.plan_reads`` gives them);
+    call the images so read, in that order, ``images_read``. The result is ``images_read[order]``
+    (``order=None``: ``images_read`` itself). It has native byte order and ``dtype`` (default: the
+    first stack's mode), so that sets mixing modes can be read.
+
+    Each stack is opened with ``os.open`` once for its consecutive runs and closed before the next.
+    A stack in the output's mode is read in place: each run is one ``preadv`` whose buffers are the
+    rows its images take in the result, so shuffled particles cost no reordering copy (an image
+    wanted twice is read once and copied). Other byte orders and modes are read as stored and
+    converted into their rows. Nothing outlives the call. Raises ParticleError naming the stack when
+    it cannot be opened or ends early.
     """
-    if not runs:
+    table = np.asarray(runs, dtype=np.int64).reshape(-1, 3)
+    if not len(table):
         raise ValueError("no runs to read")
-    first = runs[0][0]
-    total = sum(stop - start for _, start, stop in runs)
-    out = np.empty((total, first.ny, first.nx), dtype=np.dtype(dtype or first.dtype).newbyteorder("="))
+    first = stacks[int(table[0, 0])]
+    want = np.dtype(dtype or first.dtype).newbyteorder("=")
+    total = int((table[:, 2] - table[:, 1]).sum())
+    dest = None  # the result row of each image read (its first row when wanted more than once)
+    if order is None:
+        n = total
+    else:
+        order = np.asarray(order, dtype=np.int64)
+        n = len(order)
+        if n and (order.min() < 0 or order.max() >= total):
+            raise ValueError(f"order must index the {total} images read")
+        dest = np.full(total, -1, dtype=np.int64)
+        dest[order[::-1]] = np.arange(n - 1, -1, -1)
+        if (dest < 0).any():
+            raise ValueError("order leaves images read unused")
+    out = np.empty((n, first.ny, first.nx), dtype=want)
+    raw = memoryview(out.reshape(-1).view(np.uint8))
+    rb = first.ny * first.nx * want.itemsize  # bytes per result row
+    rows = None if dest is None else dest.tolist()
+    fd, now = -1, -1  # the open stack and its number
     pos = 0
-    for info, group in groupby(runs, key=lambda run: run[0]):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with mrcfile.mmap(info.path, mode="r", permissive=True) as mrc:
-                data = mrc.data
-                if data is None:  # mrcfile could not interpret the header; fall back to our own reading
-                    data = _raw_map(info)
-                data = data.reshape(-1, info.ny, info.nx)
-                for _, start, stop in group:
-                    out[pos:pos + stop - start] = data[start:stop]
-                    pos += stop - start
-                del data
+    try:
+        for s, start, stop in table.tolist():
+            if s != now:  # runs come grouped by stack: each stack is opened once
+                if fd >= 0:
+                    os.close(fd)
+                    fd = -1
+                info = stacks[s]
+                if (info.ny, info.nx) != (first.ny, first.nx):
+                    raise ParticleError(f"images of {info.ny}x{info.nx} cannot be read together with {first.ny}x"
+                                        f"{first.nx} images of {first.path}", path=info.path)
+                fd, now = _open(info), s
+                image_bytes, in_place = info.image_bytes, np.dtype(info.dtype) == want
+            m = stop - start
+            offset = info.offset + start * image_bytes
+            if in_place:
+                if rows is None:
+                    views = [raw[pos * rb:(pos + m) * rb]]
+                else:
+                    views = [raw[r * rb:(r + 1) * rb] for r in rows[pos:pos + m]]
+                _preadv_into(fd, views, offset, info)
+            else:  # another byte order or mode: read as stored, then convert into place
+                tmp = np.empty((m, info.ny, info.nx), dtype=info.dtype)
+                _preadv_into(fd, [memoryview(tmp.reshape(-1).view(np.uint8))], offset, info)
+                if rows is None:
+                    out[pos:pos + m] = tmp
+                else:
+                    out[rows[pos:pos + m]] = tmp
+            pos += m
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if dest is not None:
+        again = np.flatnonzero(dest[order] != np.arange(n))  # images wanted more than once
+        if len(again):
+            out[again] = out[dest[order[again]]]
     return out
 
 
-def _raw_map(info: StackInfo) -> np.ndarray:
-    return np.memmap(info.path, dtype=info.dtype, mode="r", offset=info.offset,
-                     shape=(info.n, info.ny, info.nx))
+def read_runs(runs: Sequence[tuple[StackInfo, int, int]], dtype: str | None = None) -> np.ndarray:
+    """Read images ``[start, stop)`` of each stack in turn and return them concatenated, in the order
+    given, in native byte order (converted to ``dtype`` when given, for sets whose stacks differ in
+    mode); see ``read_chunk``, which does the reading."""
+    if not runs:
+        raise ValueError("no runs to read")
+    ids: dict[StackInfo, int] = {}
+    table = [(ids.setdefault(info, len(ids)), start, stop) for info, start, stop in runs]
+    return read_chunk(list(ids), table, None, dtype)
+
+
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise translate line ends
+_PREADV = getattr(os, "preadv", None)  # Linux, BSD, recent macOS
+try:
+    _IOV_MAX = max(1, min(os.sysconf("SC_IOV_MAX"), 1024))
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 16  # the smallest POSIX allows
+
+
+def _open(info: StackInfo) -> int:
+    try:
+        return os.open(info.path, os.O_RDONLY | _BINARY)
+    except FileNotFoundError:
+        raise ParticleError("image stack not found", path=info.path) from None
+    except OSError as exc:
+        raise ParticleError(f"could not open the image stack ({exc.strerror or exc})", path=info.path) from exc
+
+
+def _preadv_into(fd: int, views: list[memoryview], offset: int, info: StackInfo) -> None:
+    """Fill ``views`` in turn from byte ``offset`` of ``fd`` (``IOV_MAX`` buffers per call, partial
+    reads continued), or fail naming the stack."""
+    length = sum(map(len, views))
+    done, i = 0, 0
+    try:
+        while i < len(views):
+            batch = views[i:i + _IOV_MAX]
+            if _PREADV is not None:
+                got = _PREADV(fd, batch, offset + done)
+            else:  # no preadv (older macOS, Windows): seek and read into the first buffer
+                os.lseek(fd, offset + done, os.SEEK_SET)
+                with open(fd, "rb", buffering=0, closefd=False) as f:
+                    got = f.readinto(batch[0]) or 0
+            if not got:
+                break
+            done += got
+            while got and i < len(views):  # step over the buffers filled; trim one filled in part
+                if got >= len(views[i]):
+                    got -= len(views[i])
+                    i += 1
+                else:
+                    views[i] = views[i][got:]
+                    got = 0
+    except OSError as exc:
+        raise ParticleError(f"could not read the image stack ({exc.strerror or exc}) at byte {offset + done}",
+                            path=info.path) from exc
+    if done < length:
+        raise ParticleError(f"stack ended early: expected {length} bytes at byte {offset}, read {done}",
+                            path=info.path)
 
 
 def stack_header(n: int, box: int, dtype: np.dtype, pixel_size: float, label: str) -> bytes:
