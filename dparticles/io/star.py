@@ -1,11 +1,35 @@
-"""RELION STAR files: blocks in, blocks out. Knows the file format, not the science."""
+"""RELION STAR files: blocks in, blocks out. Knows the file format, not the science.
+
+``read_star(path)`` gives every block as ``starfile`` reads it (text as Python strings): fine for
+small files. ``read_star(path, compact=True)`` is for particle tables of millions of rows: the file
+is read in pieces of :data:`PIECE_BYTES` of whole lines, each loop piece is parsed by the C CSV
+reader in a thread, and columns come back compact:
+
+- numbers as int64 / float64 arrays (as the CSV reader infers them over the whole column);
+- text as a ``pandas.Categorical`` (a code per row into the distinct values, which repeat:
+  micrograph and stack names, optics group names);
+- a column of :data:`NUMBERED` labels whose every value is ``<digits>@<text>`` (RELION image names,
+  ``000012@Extract/job007/x.mrcs``) as two: ``label`` (the text after ``@``, categorical) and
+  ``label + NUMBER`` (the number before it, int64). :func:`write_star` writes such a pair back as
+  one column, the number zero-padded to six digits as RELION writes it.
+
+Loops with quotes or comments, and anything else the fast path does not expect, are read the
+careful way and then made compact, so both ways give the same table.
+
+:func:`write_star` formats whole columns at once (pyarrow) and gives, byte for byte, the text
+``DataFrame.to_csv`` gives (shortest round-trip floats, ``NaN`` as an empty field).
+"""
 
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import os
 import re
 import shlex
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from io import StringIO
 from pathlib import Path
 
@@ -15,29 +39,50 @@ import starfile
 
 from dparticles.errors import ParticleError
 
+AS_STRING = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName"]  # text even when they look numeric
+NUMBERED = ("rlnImageName",)
+NUMBER = "@number"
+PIECE_BYTES = 16 * 2**20  # lines parsed per task; a few pieces per thread are in memory at once
+WRITE_ROWS = 200_000  # rows formatted per task when writing
+_NA = ["nan", "NaN", "<NA>"]
 
-def read_star(path: str | os.PathLike) -> dict[str, pd.DataFrame | dict]:
+
+def read_star(path: str | os.PathLike, *, compact: bool = False) -> dict[str, pd.DataFrame | dict]:
     """Read every data block of a STAR file, keyed by block name ('' for an unnamed ``data_``).
 
-    Raises ParticleError naming the file when it cannot be read or parsed.
+    ``compact``: loops as described in the module docstring. Raises ParticleError naming the file
+    when it cannot be read or parsed.
     """
     path = Path(path)
     if not path.is_file():
         raise ParticleError("no such STAR file", path=path)
-    as_string = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName"]
+    blocks = None
+    if compact:
+        try:
+            blocks = _read_compact(path)
+        except Exception:  # an unusual layout: read the careful way below
+            blocks = None
+        if blocks is not None and blocks:
+            return blocks
     try:
-        blocks = _read_fast(path, as_string)
+        blocks = _read_fast(path, AS_STRING)
     except Exception:  # anything unusual: the reference parser decides, and words the error
         blocks = None
     try:
         if blocks is None:
-            blocks = starfile.read(path, always_dict=True, parse_as_string=as_string)
+            blocks = starfile.read(path, always_dict=True, parse_as_string=AS_STRING)
     except Exception as exc:  # the parser raises many types; the user needs one message
         raise ParticleError(f"could not parse as a STAR file ({type(exc).__name__}: {exc})", path=path) from exc
     if not blocks:
         raise ParticleError("no data blocks found; expected a STAR file with a particle table", path=path)
+    if compact:
+        blocks = {k: compact_loop(v) if isinstance(v, pd.DataFrame) else v for k, v in blocks.items()}
     return blocks
 
+
+# ---------------------------------------------------------------------------------------------
+# the careful reader: text in one piece, as starfile reads it
+# ---------------------------------------------------------------------------------------------
 
 _DATA = re.compile(r"^[ \t]*data_([^\n]*)$", re.M)
 
@@ -77,11 +122,11 @@ def _block(text: str, pos: int, end: int, as_string: list[str]) -> pd.DataFrame 
             break
     data = text[body:end]
     if not data.strip():
-        return pd.DataFrame(np.zeros((0, len(columns))), columns=columns)
+        return _empty(columns)
     index = {c: i for i, c in enumerate(columns)}
     df = pd.read_csv(StringIO(data.replace("'", '"')), sep=r"\s+", header=None, comment="#",
                      dtype={index[c]: str for c in as_string if c in index}, keep_default_na=False,
-                     na_values=["nan", "NaN", "<NA>"], engine="c")
+                     na_values=_NA, engine="c")
     if df.shape[1] != len(columns):
         raise ValueError("row length differs from the number of columns")
     df.columns = columns
@@ -95,6 +140,10 @@ def _block(text: str, pos: int, end: int, as_string: list[str]) -> pd.DataFrame 
         if not numeric.isna().all():
             df[c] = numeric
     return df
+
+
+def _empty(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(np.zeros((0, len(columns))), columns=columns)
 
 
 def _lines(text: str, pos: int, end: int):
@@ -124,32 +173,546 @@ def _number(value: str):
     return value
 
 
+def compact_loop(df: pd.DataFrame) -> pd.DataFrame:
+    """A loop as the careful reader gives it, in the compact form of ``read_star(compact=True)``."""
+    out: dict[str, object] = {}
+    for c in df.columns:
+        s = df[c]
+        if not _is_text(s):
+            out[c] = s.to_numpy()
+            continue
+        values = s.to_numpy(dtype=object)
+        parts = pd.Series(values, dtype=object).str.extract(r"^(\d+)@(.+)$") if len(s) else None
+        if parts is not None and not parts.isna().any().any():
+            number, text = _categorical(parts[0].to_numpy(dtype=object)), _categorical(parts[1].to_numpy(dtype=object))
+            pair = _pair(number.codes, number.categories.tolist(), text.codes, text.categories.tolist(), c in NUMBERED)
+            if pair is not None and pair[1] is not None:
+                out[c] = pd.Categorical.from_codes(pair[0][0], categories=pd.Index(pair[0][1], dtype=object))
+                out[c + NUMBER] = pair[1]
+                continue
+        out[c] = s.array if isinstance(s.dtype, pd.CategoricalDtype) else _categorical(values)
+    return pd.DataFrame(out, index=pd.RangeIndex(len(df)), copy=False)
+
+
+def _is_text(s: pd.Series) -> bool:
+    return s.dtype.kind in "OUST" or isinstance(s.dtype, (pd.StringDtype, pd.CategoricalDtype))
+
+
+def _categorical(values: np.ndarray) -> pd.Categorical:
+    """Distinct values in order of first appearance, by hashing (no sort)."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    return pd.Categorical.from_codes(codes, categories=pd.Index(uniques, dtype=object))
+
+
+# ---------------------------------------------------------------------------------------------
+# the compact reader: whole lines in pieces, parsed in threads
+# ---------------------------------------------------------------------------------------------
+
+class _Unusual(Exception):
+    """Something the compact reader does not handle; the careful reader takes over."""
+
+
+class _Retype(Exception):
+    """A column thought numeric holds text further down: parse the loop again with it as text."""
+
+    def __init__(self, label: str):
+        super().__init__(label)
+        self.label = label
+
+
+_NEXT_DATA = re.compile(rb"\n[ \t]*data_")
+_DATA_HERE = re.compile(rb"[ \t]*data_")
+
+
+class _Source:
+    """A file as whole lines, read :data:`PIECE_BYTES` at a time (each read cut after its last
+    newline, so that a loop body is handed on as the buffer itself, not a copy of it)."""
+
+    def __init__(self, f):
+        self.fd, self.size = f.fileno(), os.fstat(f.fileno()).st_size
+        self.buf, self.pos, self.base, self.eof = b"", 0, 0, False  # base: file offset of buf[0]
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = os.pread(self.fd, PIECE_BYTES, self.base + len(self.buf))
+        if not chunk:
+            self.eof = True
+            return False
+        cut = chunk.rfind(b"\n") + 1
+        if 0 < cut < len(chunk):
+            chunk = chunk[:cut]
+        rest = self.buf[self.pos:]
+        self.base += self.pos
+        self.buf, self.pos = (rest + chunk if rest else chunk), 0
+        return True
+
+    def tell(self) -> int:
+        return self.base + self.pos
+
+    def seek(self, offset: int) -> None:
+        self.buf, self.pos, self.base, self.eof = b"", 0, offset, False
+
+    def line(self) -> tuple[bytes | None, int]:
+        """The next line without its newline, and where it starts (for :meth:`unread`, right after)."""
+        while True:
+            stop = self.buf.find(b"\n", self.pos)
+            if stop >= 0:
+                start, self.pos = self.pos, stop + 1
+                return self.buf[start:stop], start
+            if not self._more():
+                start, self.pos = self.pos, len(self.buf)
+                return (self.buf[start:], start) if start < len(self.buf) else (None, start)
+
+    def unread(self, start: int) -> None:
+        self.pos = start
+
+    def body(self):
+        """Pieces of whole lines from here up to the next line that opens a ``data_`` block."""
+        while True:
+            end = len(self.buf) if self.eof or self.buf.endswith(b"\n") else self.buf.rfind(b"\n", self.pos) + 1
+            if end > self.pos:
+                if self.pos == 0 and _DATA_HERE.match(self.buf):
+                    return
+                m = _next_data(self.buf, max(self.pos - 1, 0), end)
+                stop = end if m is None else m + 1
+                if stop > self.pos:
+                    piece, self.pos = self.buf[self.pos:stop], stop
+                    yield piece
+                if m is not None:
+                    return
+            if self.eof:
+                return
+            self._more()
+
+
+def _next_data(buf: bytes, start: int, end: int) -> int | None:
+    """Offset of the newline before the first line in ``[start, end)`` that opens a data_ block."""
+    pos = start
+    for _ in range(100):  # "data_" elsewhere (in paths) is rare: check each, then let a regex scan
+        hit = buf.find(b"data_", pos, end)
+        if hit < 0:
+            return None
+        line = buf.rfind(b"\n", start, hit)
+        if line >= 0 and not buf[line + 1:hit].strip(b" \t"):
+            return line
+        pos = hit + 5
+    m = _NEXT_DATA.search(buf, pos, end)
+    return None if m is None else m.start()
+
+
+def _is_data(line: bytes) -> bool:
+    return line.lstrip(b" \t").startswith(b"data_")
+
+
+def _read_compact(path: Path) -> dict[str, pd.DataFrame | dict]:
+    blocks: dict[str, pd.DataFrame | dict] = {}
+    with open(path, "rb") as f, _Pool(_threads()) as pool:
+        src = _Source(f)
+        line, _ = src.line()
+        while line is not None:
+            if not _is_data(line):
+                line, _ = src.line()
+                continue
+            name = line.lstrip(b" \t")[5:].decode("utf-8").strip()
+            block, line = _compact_block(src, pool)
+            if block is not None:
+                blocks[name] = block
+    return blocks
+
+
+def _threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class _Pool(ThreadPoolExecutor):
+    def __init__(self, workers: int):
+        super().__init__(workers)
+        self.workers = workers
+
+
+def _compact_block(src: _Source, pool) -> tuple[pd.DataFrame | dict | None, bytes | None]:
+    """One block (as :func:`_block` reads it) and the line that opens the next one."""
+    while True:
+        line, _ = src.line()
+        if line is None or _is_data(line):
+            return None, line
+        s = line.strip()
+        if s.startswith(b"loop_"):
+            break
+        if s.startswith(b"_"):
+            lines = [s.decode("utf-8")]
+            line, _ = src.line()
+            while line is not None and not _is_data(line):
+                lines.append(line.strip().decode("utf-8"))
+                line, _ = src.line()
+            return _pairs(lines, AS_STRING), line
+    labels: list[str] = []
+    while True:
+        line, start = src.line()
+        if line is None or _is_data(line):
+            return _empty(labels), line
+        s = line.strip()
+        if s.startswith(b"_"):
+            labels.append(s.split()[0][1:].decode("utf-8"))
+        elif s:
+            src.unread(start)
+            break
+    text = {c for c in labels if c in AS_STRING}
+    at = src.tell()
+    for _ in range(len(labels) + 1):
+        try:
+            df = _loop(labels, text, src, pool)
+            break
+        except _Retype as exc:
+            text.add(exc.label)
+            src.seek(at)
+    else:
+        raise _Unusual("column types keep changing")
+    line, _ = src.line()
+    return df, line
+
+
+def _loop(labels: list[str], text: set[str], src: _Source, pool) -> pd.DataFrame:
+    """Parse a loop body piece by piece, keeping at most a few pieces in flight."""
+    remaining = src.size - src.tell()
+    pieces = src.body()
+    first = next(pieces, None)
+    if first is None:
+        return _empty(labels)
+    numbered = _numbered_columns(first, labels)
+    names = []  # the CSV reader's columns: each numbered label as (number, text), the number as text
+    for c in labels:
+        names += [c + NUMBER, c] if c in numbered else [c]
+    categorical = [j for j, c in enumerate(names) if c in text or c in numbered
+                   or (c[:-len(NUMBER)] in numbered and c[:-len(NUMBER)] not in NUMBERED)]
+    acc = _Columns(names, categorical, numbered, remaining)
+    pending: deque = deque()
+    try:
+        for piece in itertools.chain([first], pieces):
+            pending.append(pool.submit(_parse_piece, piece, len(names), categorical, len(numbered)))
+            while len(pending) > pool.workers:
+                acc.add(*pending.popleft().result())
+        while pending:
+            acc.add(*pending.popleft().result())
+    finally:
+        for fut in pending:
+            fut.cancel()
+    if acc.n == 0:
+        return _empty(labels)
+    return acc.frame()
+
+
+_NUMBERED_VALUE = re.compile(rb"\d+@[^@]+")
+
+
+def _numbered_columns(piece: bytes, labels: list[str]) -> list[str]:
+    """Labels whose value on the first data line is ``<digits>@<text>``."""
+    for line in piece.split(b"\n", 64):
+        line = line.split(b"#", 1)[0].split()
+        if line:
+            if len(line) != len(labels):
+                raise _Unusual("row length differs from the number of columns")
+            return [c for c, v in zip(labels, line) if _NUMBERED_VALUE.fullmatch(v)]
+    raise _Unusual("no data line in the first piece")
+
+
+def _parse_piece(piece: bytes, width: int, categorical: list[int], numbered: int):
+    """One piece of a loop body: its columns (arrays, or (codes, distinct values)), rows and bytes.
+
+    With ``numbered`` columns of ``N@text`` values, every ``@`` becomes a separator; the piece must
+    hold exactly that many per row."""
+    if b'"' in piece or b"'" in piece:
+        raise _Unusual("quotes")
+    ats = None
+    if numbered:
+        ats = piece.count(b"@")
+        piece = piece.replace(b"@", b" ")
+    try:
+        df = pd.read_csv(io.BytesIO(piece), sep=r"\s+", header=None, dtype={j: object for j in categorical},
+                         keep_default_na=False, na_values=_NA, engine="c", comment="#", quoting=csv.QUOTE_NONE)
+    except pd.errors.EmptyDataError:
+        df = pd.DataFrame()
+    if len(df) == 0 and not ats:
+        return None, 0, len(piece)
+    if df.shape[1] != width or (ats is not None and ats != numbered * len(df)):
+        raise _Unusual("row length differs from the number of columns")
+    parts = [pd.factorize(df[j].to_numpy(), use_na_sentinel=True) if j in categorical else df[j].to_numpy()
+             for j in range(width)]
+    return parts, len(df), len(piece)
+
+
+class _Columns:
+    """Loop pieces as they come, in order, copied into whole-loop arrays (allocated once, from the
+    rows per byte of the first piece, so that no piece is kept and nothing is concatenated); text
+    codes mapped onto one table of distinct values per column."""
+
+    def __init__(self, names: list[str], categorical: list[int], numbered: list[str], body_bytes: int):
+        self.names, self.numbered, self.body_bytes = names, numbered, body_bytes
+        self.arrays: list[np.ndarray | None] = [None] * len(names)
+        self.index = {j: pd.Index([], dtype=object) for j in categorical}  # column -> its distinct values so far
+        self.n = self.seen = 0
+
+    def add(self, parts, n: int, nbytes: int) -> None:
+        self.seen += nbytes
+        if parts is None:
+            return
+        for j, part in enumerate(parts):
+            values = self._codes(j, part) if j in self.index else part
+            kind = values.dtype.kind
+            if self.names[j].endswith(NUMBER) and j not in self.index and kind != "i":
+                raise _Unusual("numbers before @ that are not integers")
+            if kind not in "ifb":
+                raise _Retype(self.names[j])
+            self._store(j, values, n)
+        self.n += n
+
+    def _store(self, j: int, values: np.ndarray, n: int) -> None:
+        a = self.arrays[j]
+        if a is None:
+            rows = int(max(self.body_bytes - self.seen, 0) / max(self.seen, 1) * max(self.n + n, 1) * 1.05)
+            a = np.empty(self.n + n + rows + 1024, dtype=values.dtype)
+        elif a.dtype != values.dtype:
+            kinds = {a.dtype.kind, values.dtype.kind}
+            if not kinds <= {"i", "f"}:
+                raise _Retype(self.names[j])
+            if a.dtype.kind == "i":
+                a = a.astype(np.float64)
+        if self.n + n > len(a):  # more rows than the first piece foretold
+            a = np.concatenate([a[:self.n], np.empty(max(self.n + n, len(a) + len(a) // 4) - self.n, a.dtype)])
+        a[self.n:self.n + n] = values
+        self.arrays[j] = a
+
+    def _codes(self, j: int, part: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """A piece's codes into its own distinct values, as codes into the loop's (hashing only the
+        piece's distinct values)."""
+        codes, values = part
+        known = self.index[j]
+        mapping = known.get_indexer(values)
+        new = mapping < 0
+        if new.any():
+            mapping[new] = len(known) + np.arange(int(new.sum()))
+            self.index[j] = known.append(pd.Index(values[new], dtype=object))
+        mapping = np.append(mapping, -1).astype(np.int32)
+        return mapping[np.where(codes < 0, len(mapping) - 1, codes)]
+
+    def frame(self) -> pd.DataFrame:
+        out: dict[str, object] = {}
+        for j, name in enumerate(self.names):
+            a, self.arrays[j] = self.arrays[j], None
+            try:
+                a.resize(self.n, refcheck=False)  # in place: the unused tail goes back to the system
+            except ValueError:
+                a = a[:self.n].copy()
+            out[name] = (a, self.index[j].tolist()) if j in self.index else a
+        for label in self.numbered:
+            number, (tcodes, texts) = out.pop(label + NUMBER), out.pop(label)
+            if label in NUMBERED:  # read as integers: whatever their padding, the number is what counts
+                out[label], out[label + NUMBER] = (tcodes, texts), number
+                continue
+            pair = _pair(*number, tcodes, texts, keep_number=False)
+            if pair is None:
+                raise _Unusual(f"{label} values that are not <number>@<text>")
+            out[label], out[label + NUMBER] = pair
+        frame = {}
+        for name in self.names:  # the text part under the label, its number beside it
+            for k in ((name,) if not name.endswith(NUMBER) else ()) + ((name + NUMBER,) if name in self.numbered else ()):
+                value = out[k]
+                if isinstance(value, tuple):
+                    frame[k] = pd.Categorical.from_codes(value[0], categories=pd.Index(value[1], dtype=object))
+                elif value is not None:
+                    frame[k] = value
+        return pd.DataFrame(frame, index=pd.RangeIndex(self.n), copy=False)
+
+
+def _pair(ncodes: np.ndarray, numbers: list[str], tcodes: np.ndarray, texts: list[str], keep_number: bool):
+    """A ``N@text`` column read apart as (text codes + values, number as int64), or, when its numbers
+    are not all written as RELION writes them (six digits or more, no extra zeros) and ``keep_number``
+    is false, the whole text as codes + values. None if a number is not digits or a value is missing."""
+    if (ncodes < 0).any() or (tcodes < 0).any() or not all(v.isdigit() for v in numbers):
+        return None
+    as_int = np.array([int(v) for v in numbers], dtype=np.int64)
+    if keep_number or all(v == str(i).zfill(6) for v, i in zip(numbers, as_int.tolist())):
+        return (tcodes, texts), as_int[ncodes]
+    key = ncodes.astype(np.int64) * len(texts) + tcodes
+    codes, uniques = pd.factorize(key)
+    whole = [f"{numbers[k // len(texts)]}@{texts[k % len(texts)]}" for k in uniques.tolist()]
+    return (codes, whole), None
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
 def write_star(path: str | os.PathLike, blocks: dict[str, pd.DataFrame]) -> None:
     """Write blocks as loops, RELION 3.1 style (``# version 30001`` before each block).
 
+    A ``label`` / ``label + NUMBER`` pair of columns is written as one column ``NNNNNN@text``.
     Writes to ``path`` directly; callers make it atomic (temporary name, then rename).
     """
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "wb") as f:
         for name, df in blocks.items():
-            f.write(f"\n# version 30001\n\ndata_{name}\n\nloop_ \n")
-            for i, col in enumerate(df.columns, start=1):
-                f.write(f"_{col} #{i} \n")
+            labels = [c for c in df.columns if not _is_number_of(c, df)]
+            head = [f"\n# version 30001\n\ndata_{name}\n\nloop_ \n"] + [f"_{c} #{i} \n" for i, c in enumerate(labels, 1)]
+            f.write("".join(head).encode("utf-8"))
             if len(df):
-                _write_rows(f, df)
-            f.write("\n")
+                _write_rows(f, df, labels)
+            f.write(b"\n")
 
 
-def _write_rows(f, df: pd.DataFrame) -> None:
+def _is_number_of(column: str, df: pd.DataFrame) -> bool:
+    return column.endswith(NUMBER) and column[:-len(NUMBER)] in df.columns
+
+
+def _write_rows(f, df: pd.DataFrame, labels: list[str]) -> None:
     """One row per line, space separated; floats at full precision; strings that are empty or hold
-    whitespace are double-quoted (the fast csv path cannot quote, so such tables take a slower path)."""
+    whitespace are double-quoted (such tables take the slower csv path)."""
+    columns = _fast_columns(df, labels)
+    if columns is None:
+        _write_rows_csv(f, _joined(df, labels))
+        return
+    n = len(df)
+    bounds = list(range(0, n, WRITE_ROWS)) + [n]
+    with ThreadPoolExecutor(_threads()) as pool:
+        for text in pool.map(lambda ab: _format_rows(columns, *ab), zip(bounds[:-1], bounds[1:])):
+            f.write(text)
+
+
+def _joined(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """``df`` with each numbered pair of columns as one column of ``NNNNNN@text`` strings."""
+    out = {}
+    for c in labels:
+        if c + NUMBER in df.columns:
+            number = pd.Series(df[c + NUMBER].to_numpy()).astype(str).str.zfill(6)
+            out[c] = (number + "@" + pd.Series(df[c].to_numpy(), dtype=object).astype(str)).to_numpy(dtype=object)
+        else:
+            out[c] = df[c]
+    return pd.DataFrame(out, index=df.index, copy=False)
+
+
+def _write_rows_csv(f, df: pd.DataFrame) -> None:
     text_cols = [c for c in df.columns if df[c].dtype.kind in "OUST" or isinstance(df[c].dtype, pd.StringDtype)]
     needs_quotes = any(df[c].astype(str).str.contains(r"^$|\s", regex=True).any() for c in text_cols)
-    if not needs_quotes:
-        df.to_csv(f, sep=" ", header=False, index=False, lineterminator="\n", quoting=csv.QUOTE_NONE,
-                  quotechar="\x07")
-        return
-    quoted = df.copy()
-    for c in text_cols:
-        quoted[c] = quoted[c].astype(str).map(lambda v: f'"{v}"' if (v == "" or re.search(r"\s", v)) else v)
-    for row in quoted.itertuples(index=False):
-        f.write(" ".join(map(str, row)) + "\n")
+    out = io.TextIOWrapper(f, encoding="utf-8", newline="")
+    try:
+        if not needs_quotes:
+            df.to_csv(out, sep=" ", header=False, index=False, lineterminator="\n", quoting=csv.QUOTE_NONE,
+                      quotechar="\x07")
+            return
+        quoted = df.copy()
+        for c in text_cols:
+            quoted[c] = quoted[c].astype(str).map(lambda v: f'"{v}"' if (v == "" or re.search(r"\s", v)) else v)
+        for row in quoted.itertuples(index=False):
+            out.write(" ".join(map(str, row)) + "\n")
+    finally:
+        out.flush()
+        out.detach()
+
+
+def _fast_columns(df: pd.DataFrame, labels: list[str]) -> list | None:
+    """What each column needs to be formatted a block of rows at a time, or None when the table
+    needs the csv path (pyarrow missing, or text that must be quoted)."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return None
+    out = []
+    for c in labels:
+        s = df[c]
+        if c + NUMBER in df.columns:
+            text = _text_table(s)
+            if text is None or _needs_quotes(text[1], allow_empty=True):
+                return None
+            out.append(("numbered", df[c + NUMBER].to_numpy(), *text))
+        elif _is_text(s):
+            text = _text_table(s)
+            if text is None or _needs_quotes(text[1]):
+                return None
+            else:
+                out.append(("text", *text))
+        elif s.dtype == np.float64:
+            out.append(("float", s.to_numpy()))
+        elif s.dtype.kind in "iu" and isinstance(s.dtype, np.dtype):
+            out.append(("int", s.to_numpy()))
+        else:
+            out.append(("csv", s))
+    return out
+
+
+def _text_table(s: pd.Series) -> tuple[np.ndarray, list[str]] | None:
+    """(codes, distinct values) of a text column, -1 for missing; None if a value is not a str."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        codes, values = s.cat.codes.to_numpy(), s.cat.categories.tolist()
+    else:
+        codes, uniques = pd.factorize(s.to_numpy(dtype=object), use_na_sentinel=True)
+        values = list(uniques)
+    if not all(isinstance(v, str) for v in values):
+        return None
+    return codes, values
+
+
+def _needs_quotes(values: list[str], allow_empty: bool = False) -> bool:
+    return any((v == "" and not allow_empty) or re.search(r"\s", v) for v in values)
+
+
+def _format_rows(columns: list, a: int, b: int) -> memoryview:
+    """Rows ``[a, b)`` as text, one line per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cells = [_format(col, a, b) for col in columns]
+    cells[-1] = pc.binary_join_element_wise(cells[-1], "", "\n")
+    lines = pc.binary_join_element_wise(*cells, " ") if len(cells) > 1 else cells[0]
+    lines = lines.combine_chunks() if isinstance(lines, pa.ChunkedArray) else lines
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32 if lines.type == pa.string() else np.int64,
+                            count=len(lines) + 1, offset=lines.offset * (4 if lines.type == pa.string() else 8))
+    return memoryview(lines.buffers()[2])[offsets[0]:offsets[-1]]
+
+
+def _format(col: tuple, a: int, b: int):
+    """One column's cells of rows ``[a, b)`` as a pyarrow string array, as ``to_csv`` writes them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = col[0]
+    if kind == "float":
+        return _format_floats(col[1][a:b])
+    if kind == "int":
+        return pc.cast(pa.array(col[1][a:b]), pa.string())
+    if kind == "text":
+        return _take_text(col[1][a:b], col[2])
+    if kind == "numbered":
+        number = pc.utf8_lpad(pc.cast(pa.array(col[1][a:b]), pa.string()), 6, "0")
+        return pc.binary_join_element_wise(number, _take_text(col[2][a:b], col[3]), "@")
+    text = col[1].iloc[a:b].to_frame().to_csv(sep=" ", header=False, index=False, lineterminator="\n",
+                                               quoting=csv.QUOTE_NONE, quotechar="\x07")
+    return pa.array(text.split("\n")[:-1], type=pa.string())
+
+
+def _take_text(codes: np.ndarray, values: list[str]):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pa.array(values + [""], type=pa.string())
+    return pc.take(table, pa.array(np.where(codes < 0, len(values), codes).astype(np.int64)))
+
+
+def _format_floats(x: np.ndarray):
+    """Shortest round-trip text of float64 values exactly as numpy's ``astype(str)`` (Python's
+    ``repr``) writes them, which is what ``to_csv`` writes, with NaN as an empty field. pyarrow's
+    shortest digits are the same; it writes integral values without ``.0`` and switches to exponent
+    notation at other magnitudes, so those cells are patched."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pc.cast(pa.array(x, from_pandas=True), pa.string())
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(x)
+        magnitude = np.abs(x)
+        odd = finite & (x != 0) & ((magnitude < 1e-4) | (magnitude >= 1e10))  # repr's exponent range, or pyarrow's
+        whole = finite & ~odd & (x == np.trunc(x))
+    if whole.any():
+        text = pc.if_else(pa.array(whole), pc.binary_join_element_wise(text, ".0", ""), text)
+    if odd.any():
+        text = pc.replace_with_mask(text, pa.array(odd), pa.array([repr(v) for v in x[odd].tolist()], type=pa.string()))
+    return pc.fill_null(text, "")
