@@ -19,34 +19,6 @@ def chunk_bounds(n: int, size: int) -> np.ndarray:
     return np.unique(np.append(np.arange(0, n, size, dtype=np.int64), n))
 
 
-def plan_runs(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) -> list[list[tuple[int, int, int]]]:
-    """For each chunk ``[bounds[k], bounds[k+1])``, the runs ``(stack_id, start, stop)`` to read.
-
-    A run is a maximal stretch of particles, in metadata order, that are consecutive images of one
-    stack, so each run is one read. Runs never cross a chunk boundary.
-
-    >>> plan_runs(np.array([0, 0, 0, 1, 1]), np.array([3, 4, 6, 0, 1]), np.array([0, 2, 5]))
-    [[(0, 3, 5)], [(0, 6, 7), (1, 0, 2)]]
-    """
-    stack_ids = np.asarray(stack_ids, dtype=np.int64)
-    indices = np.asarray(indices, dtype=np.int64)
-    n = len(indices)
-    if n == 0:
-        return [[] for _ in range(len(bounds) - 1)]
-    brk = np.ones(n, dtype=bool)
-    brk[1:] = (stack_ids[1:] != stack_ids[:-1]) | (indices[1:] != indices[:-1] + 1)
-    brk[bounds[:-1][bounds[:-1] < n]] = True
-    starts = np.flatnonzero(brk)
-    stops = np.append(starts[1:], n)
-    run_chunk = np.searchsorted(bounds, starts, side="right") - 1
-    sid, first = stack_ids[starts].tolist(), indices[starts].tolist()
-    length = (stops - starts).tolist()
-    out: list[list[tuple[int, int, int]]] = [[] for _ in range(len(bounds) - 1)]
-    for c, s, i, m in zip(run_chunk.tolist(), sid, first, length):
-        out[c].append((s, i, i + m))
-    return out
-
-
 class ChunkReads(NamedTuple):
     """What one chunk reads (``plan_reads``): ``runs``, rows ``(stack_id, start, stop)`` sorted by
     stack then image, each one read of consecutive images; ``order``, for each particle of the chunk
@@ -133,22 +105,27 @@ def _compact(values) -> type:
     return np.int16 if top < 2**15 else np.int32 if top < 2**31 else np.int64
 
 
-def split_runs(runs: list[tuple], max_images: int) -> list[list[tuple]]:
-    """Cut a batch's runs ``(stack, start, stop)`` into pieces of at most ``max_images`` images, in
-    order, so a batch of any size is streamed in bounded memory.
+def byte_runs(stack_ids: np.ndarray, indices: np.ndarray, piece_bounds: np.ndarray, image_bytes: int,
+              stack_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source byte ranges that copy each piece in order: maximal runs of consecutive images of one
+    stack, never crossing a piece boundary. Returns ``(first_run, codes, starts, lengths)``: runs
+    ``first_run[p]:first_run[p+1]`` belong to piece ``p``; ``codes`` are stack ids.
 
-    >>> split_runs([("a", 0, 5), ("b", 2, 4)], 3)
-    [[('a', 0, 3)], [('a', 3, 5), ('b', 2, 3)], [('b', 3, 4)]]
+    >>> r = byte_runs(np.array([0, 0, 0, 1, 1]), np.array([3, 4, 6, 0, 1]), np.array([0, 2, 5]), 10,
+    ...               np.array([1024, 1024]))
+    >>> [x.tolist() for x in r]
+    [[0, 1, 3], [0, 0, 1], [1054, 1084, 1024], [20, 10, 20]]
     """
-    pieces: list[list[tuple]] = [[]]
-    room = max_images
-    for stack, start, stop in runs:
-        while start < stop:
-            if room == 0:
-                pieces.append([])
-                room = max_images
-            take = min(room, stop - start)
-            pieces[-1].append((stack, start, start + take))
-            start += take
-            room -= take
-    return [p for p in pieces if p]
+    stack_ids = np.asarray(stack_ids, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    n = len(indices)
+    brk = np.ones(n, dtype=bool)
+    brk[1:] = (stack_ids[1:] != stack_ids[:-1]) | (indices[1:] != indices[:-1] + 1)
+    inner = piece_bounds[:-1]
+    brk[inner[inner < n]] = True
+    starts = np.flatnonzero(brk)
+    counts = np.diff(np.append(starts, n))
+    codes = stack_ids[starts]
+    byte_starts = np.asarray(stack_offsets, dtype=np.int64)[codes] + indices[starts] * image_bytes
+    first_run = np.searchsorted(starts, piece_bounds, side="left")
+    return first_run, codes, byte_starts, counts * image_bytes

@@ -407,7 +407,7 @@ def test_opening_reads_no_pixels_and_graph_is_small(tmp_path):
 
     import dparticles.io.mrc as mrc
 
-    with mock.patch.object(mrc, "read_runs", side_effect=AssertionError("pixels read while opening")), \
+    with mock.patch.object(mrc, "read_chunk", side_effect=AssertionError("pixels read while opening")), \
             mock.patch("mrcfile.mmap", side_effect=AssertionError("memory map while opening")):
         ds = open_particles(star, chunks=1000)
     images = ds["images"].data

@@ -21,7 +21,7 @@ from helpers import make_stack, optics_table, read_direct, star_images, write_st
 import dparticles.planning
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
-from dparticles.io.mrc import read_chunk, read_info, read_runs
+from dparticles.io.mrc import read_chunk, read_info
 from dparticles.planning import chunk_bounds, plan_reads
 
 SIM = "relion31_sim_ribo70S_b128"
@@ -191,20 +191,6 @@ def test_real_selection_shuffled_with_duplicates(real, tmp_path):
         if chunks == 16:
             assert_eq(ds["images"].data, expected)
 
-
-def test_read_runs_keeps_the_order_given(real):
-    """read_runs (used by the batch writer) reads runs in metadata order, a stack met again later
-    opened again, with the same images as mrcfile."""
-    paths = sorted((real / SIM / "Extract/job007/Movies").glob("*.mrcs"))[:3]
-    infos = _infos(paths)
-    stacks = [read_direct(p) for p in paths]
-    runs = [(infos[1], 2, 5), (infos[0], 0, 1), (infos[1], 0, 2), (infos[2], 1, 3), (infos[1], 5, 6)]
-    expected = np.concatenate([stacks[infos.index(i)][a:b] for i, a, b in runs])
-    np.testing.assert_array_equal(read_runs(runs), expected)
-    np.testing.assert_array_equal(read_runs(runs, "<f8"), expected.astype(np.float64))
-
-
-# --- generated sets: shuffled, duplicates, byte orders, modes --------------------------------
 
 def _write_stack(path: Path, data: np.ndarray) -> None:
     """An MRC stack holding ``data`` in its own byte order: mrcfile writes native order, so for

@@ -153,17 +153,6 @@ def read_chunk(stacks: Sequence[StackInfo], runs, order: np.ndarray | None = Non
     return out
 
 
-def read_runs(runs: Sequence[tuple[StackInfo, int, int]], dtype: str | None = None) -> np.ndarray:
-    """Read images ``[start, stop)`` of each stack in turn and return them concatenated, in the order
-    given, in native byte order (converted to ``dtype`` when given, for sets whose stacks differ in
-    mode); see ``read_chunk``, which does the reading."""
-    if not runs:
-        raise ValueError("no runs to read")
-    ids: dict[StackInfo, int] = {}
-    table = [(ids.setdefault(info, len(ids)), start, stop) for info, start, stop in runs]
-    return read_chunk(list(ids), table, None, dtype)
-
-
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise translate line ends
 _PREADV = getattr(os, "preadv", None)  # Linux, BSD, recent macOS
 try:
