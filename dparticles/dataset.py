@@ -3,7 +3,25 @@
 ``images`` (particle, y, x) is a dask array over the source stacks; every metadata column of
 :mod:`dparticles.metadata` is a coordinate along ``particle``, plus ``image_path`` (the resolved
 stack) and ``stack_id``, which indexes the ``stack`` dimension (``stack_path``, ``stack_images``,
-``stack_offset``, ``stack_dtype``: every source stack as its header describes it). Opening reads metadata and stack headers only, never pixel data.
+``stack_offset``, ``stack_dtype``: every source stack as its header describes it). Opening reads
+metadata and stack headers only, never pixel data.
+
+Memory: ten million particles take about 150 bytes each (see ``benchmarks/scale_bench.py``):
+
+- ``particle`` is a ``pandas.RangeIndex`` (no array);
+- numbers are numpy arrays, and a value the same for every particle (the optics values of a single
+  optics group, the box, the data sign) is a read-only zero-stride view (``np.broadcast_to``), which
+  takes no memory: select with ``isel``/``where`` (which copy what they keep) or build new arrays
+  rather than writing into ``ds[name].values``;
+- text (``image_name``, ``micrograph``, ``image_path``, ``optics_group_name``, ``star:`` text) is an
+  object array whose elements are references to one Python string per distinct value (8 bytes a
+  particle, where a string each would take 60 or more), put in place without xarray's conversion
+  through pandas, which would make a string per particle. ``.values`` gives strings as before.
+
+Select with ``ds.isel(particle=np.flatnonzero(mask))``: it indexes each array once.
+``ds.where(mask, drop=True)`` works too, but xarray aligns (deep-copies) every object coordinate on
+the way, element by element: a few seconds per text coordinate at ten million particles.
+:func:`table` gives the metadata as a DataFrame with text as ``pandas.Categorical``.
 """
 
 from __future__ import annotations
@@ -19,7 +37,7 @@ from dparticles.errors import ParticleError
 from dparticles.io.cs import read_cs
 from dparticles.io.star import read_star
 from dparticles.io.zarr_cache import open_zarr
-from dparticles.metadata import POSE, Table, from_cs, from_star
+from dparticles.metadata import POSE, Table, assign, categorical, from_cs, from_star
 from dparticles.stack import check_indices, lazy_images, read_infos, resolve_stacks, search_roots
 
 CHUNK_BYTES = 64 * 2**20  # default dask chunk: a few tens of MB of images, whatever the box
@@ -53,7 +71,7 @@ def open_particles(path: str | os.PathLike, *, data_dir: str | os.PathLike | Non
             raise ParticleError("folder holds no particles.star, particles.cs or zarr cache", path=path)
     suffix = path.suffix.lower()
     if suffix == ".star":
-        table = from_star(read_star(path), path)
+        table = from_star(read_star(path, compact=True), path)
     elif suffix == ".cs":
         table = from_cs(read_cs(path), path)
     elif path.exists():
@@ -73,26 +91,31 @@ def open_particles(path: str | os.PathLike, *, data_dir: str | os.PathLike | Non
 def _apply_options(table: Table, path: Path, locals_: dict, *, sign: int | None, ignore_pose: bool,
                    ignore_raw: bool) -> pd.DataFrame:
     p = table.particles
-    if len(p) == 0:
+    n = len(p)
+    if n == 0:
         raise ParticleError("holds no particles (the particle table is empty)", path=path)
+    new: dict[str, np.ndarray] = {}
     for name, value in locals_.items():
         if value is not None:
             if not np.isfinite(value) or (value <= 0 and name != "amp_contrast") or value < 0:
                 raise ParticleError(f"the {OVERRIDES[name]} override must be a positive number, got {value}")
-            p[name] = float(value)
+            new[name] = _same(float(value), n)
     if sign is not None:
         if sign not in (1, -1):
             raise ParticleError(f"data sign must be 1 or -1, got {sign}")
-        p["sign"] = float(sign)
+        new["sign"] = _same(float(sign), n)
     elif "sign" not in p:
-        p["sign"] = 1.0
+        new["sign"] = _same(1.0, n)
+    p = assign(p, new)
     if "pixel_size" in p:
-        bad = ~(pd.to_numeric(p["pixel_size"], errors="coerce") > 0)
+        psize = p["pixel_size"].to_numpy()
+        values = psize if psize.dtype.kind in "iuf" else pd.to_numeric(pd.Series(psize), errors="coerce").to_numpy()
+        bad = ~(values > 0)
         if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ParticleError(f"pixel size {p['pixel_size'].iloc[row]!r} is not a positive number; "
+            row = int(np.flatnonzero(bad)[0])
+            raise ParticleError(f"pixel size {psize[row]!r} is not a positive number; "
                                 "give --pixel-size", path=path, particle=row + 1)
-        p["pixel_size"] = p["pixel_size"].astype(np.float64)
+        p = assign(p, {"pixel_size": _float64(values)})
     elif not ignore_raw:
         hint = ("rlnOpticsGroup is given but the data_optics block is missing; "
                 if table.attrs["format"] == "relion-3.1" else "")
@@ -100,14 +123,28 @@ def _apply_options(table: Table, path: Path, locals_: dict, *, sign: int | None,
                             "and rlnMagnification, or blob/psize_A; give one with --pixel-size", path=path)
     for axis in "xy":  # pixel-valued origins waited for the pixel size
         if f"_origin_px_{axis}" in p:
-            px = p.pop(f"_origin_px_{axis}")
+            px = p[f"_origin_px_{axis}"].to_numpy()
+            p = p.drop(columns=[f"_origin_px_{axis}"])
             if "pixel_size" in p:
-                p[f"shift_{axis}"] = px * p["pixel_size"]
+                p = assign(p, {f"shift_{axis}": px * p["pixel_size"].to_numpy()})
     if ignore_pose:
         p = p.drop(columns=[c for c in p.columns if c in POSE or c.startswith("cs:alignments")])
         table.attrs["pose"] = "none"
     table.attrs["has_ctf"] = bool({"defocus_u", "defocus_v"} <= set(p))
     return p
+
+
+def _same(value, n: int) -> np.ndarray:
+    """``value`` for each of ``n`` particles, in no memory (a read-only zero-stride view)."""
+    return np.broadcast_to(np.asarray(value), (n,))
+
+
+def _float64(values: np.ndarray) -> np.ndarray:
+    if values.dtype == np.float64:
+        return values
+    if values.strides == (0,):
+        return _same(np.float64(values[0]), len(values))
+    return values.astype(np.float64)
 
 
 def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks: int | None) -> xr.Dataset:
@@ -124,8 +161,36 @@ def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks
             raise
         raise ParticleError(f"stack {exc}", path=path, particle=int(first[k]) + 1) from None
     indices = p["image_index"].to_numpy(np.int64)
-    check_indices(infos, stack_ids, indices, p["image_name"].to_numpy(), path)
-    box = np.array([infos[s].ny for s in range(len(infos))])[stack_ids]
+    check_indices(infos, stack_ids, indices, ds["image_name"].values, path)
+    stack_box = np.array([i.ny for i in infos], dtype=np.int64)
+    if len(np.unique(stack_box)) > 1:
+        _mixed_boxes(p, stack_box, stack_ids, infos, path)
+    box = int(stack_box[0])
+    if "box" in p:
+        stated = p["box"].to_numpy()
+        wrong = stated != box
+        if wrong.any():
+            row = int(np.flatnonzero(wrong)[0])
+            raise ParticleError(f"the metadata gives box {stated[row]} but the stack "
+                                f"{infos[stack_ids[row]].path} holds {box}x{box} images",
+                                path=path, particle=row + 1)
+    if chunks is None:
+        chunks = max(1, CHUNK_BYTES // infos[0].image_bytes)
+    images = lazy_images(infos, stack_ids, indices, chunks)
+    ds = ds.assign_coords(box=("particle", _same(np.int64(box), len(p))),
+                          image_path=_text(np.array(paths, dtype=object)[stack_ids]),
+                          stack_id=("particle", stack_ids),
+                          stack_path=("stack", np.array(paths, dtype=object)),
+                          stack_images=("stack", np.array([i.n for i in infos], dtype=np.int64)),
+                          stack_offset=("stack", np.array([i.offset for i in infos], dtype=np.int64)),
+                          stack_dtype=("stack", np.array([i.dtype for i in infos], dtype=object)))
+    ds["images"] = (("particle", "y", "x"), images)
+    return ds
+
+
+def _mixed_boxes(p: pd.DataFrame, stack_box: np.ndarray, stack_ids: np.ndarray, infos, path: Path) -> None:
+    """Stacks of several box sizes: name the particle that shows it (always raises)."""
+    box = stack_box[stack_ids]
     groups = p["optics_group"].to_numpy()
     for g in np.unique(groups):
         sizes = np.unique(box[groups == g])
@@ -142,40 +207,57 @@ def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks
             raise ParticleError(f"the metadata gives box {stated[row]} but the stack "
                                 f"{infos[stack_ids[row]].path} holds {box[row]}x{box[row]} images",
                                 path=path, particle=row + 1)
-    if len(np.unique(box)) > 1:
-        raise ParticleError(f"optics groups have different box sizes {np.unique(box).tolist()}; a particle "
-                            "stack holds one box size (select one optics group first)", path=path)
-    if chunks is None:
-        chunks = max(1, CHUNK_BYTES // infos[0].image_bytes)
-    images = lazy_images(infos, stack_ids, indices, chunks)
-    ds = ds.assign_coords(box=("particle", box.astype(np.int64)),
-                          image_path=("particle", np.array(paths, dtype=object)[stack_ids]),
-                          stack_id=("particle", stack_ids.astype(np.int64)),
-                          stack_path=("stack", np.array(paths, dtype=object)),
-                          stack_images=("stack", np.array([i.n for i in infos], dtype=np.int64)),
-                          stack_offset=("stack", np.array([i.offset for i in infos], dtype=np.int64)),
-                          stack_dtype=("stack", np.array([i.dtype for i in infos], dtype=object)))
-    ds["images"] = (("particle", "y", "x"), images)
-    return ds
+    raise ParticleError(f"optics groups have different box sizes {np.unique(box).tolist()}; a particle "
+                        "stack holds one box size (select one optics group first)", path=path)
 
 
 def _distinct(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Like ``np.unique(..., return_index=True, return_inverse=True)`` for strings, by hashing
-    (sorting a million strings takes seconds; hashing them, a few hundredths)."""
-    codes, uniques = pd.factorize(values, sort=True)
-    first = np.full(len(uniques), len(codes), dtype=np.int64)
-    np.minimum.at(first, codes, np.arange(len(codes), dtype=np.int64))
-    return np.asarray(uniques, dtype=object).astype(str), first, codes.astype(np.int64)
+    """Like ``np.unique(..., return_index=True, return_inverse=True)`` for a text column: the
+    distinct names sorted, the first row of each, and each row's name as an index into them (from
+    the Categorical's codes: no string is hashed or compared per particle)."""
+    cat = categorical(values.array if isinstance(values.dtype, pd.CategoricalDtype) else values.to_numpy(dtype=object))
+    codes = cat.codes.astype(np.int64)
+    used = np.bincount(codes, minlength=len(cat.categories)) > 0
+    names = np.asarray(cat.categories, dtype=object)
+    order = np.argsort(names.astype(str), kind="stable")
+    order = order[used[order]]
+    rank = np.full(len(names), -1, dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    ids = rank[codes]
+    first = np.full(len(order), len(codes), dtype=np.int64)
+    np.minimum.at(first, ids, np.arange(len(codes), dtype=np.int64))
+    return names[order].astype(str), first, ids
 
 
 def _coords(p: pd.DataFrame) -> dict:
-    coords = {"particle": np.arange(len(p), dtype=np.int64)}
+    coords: dict = {"particle": pd.RangeIndex(len(p))}
     for col in p.columns:
-        values = p[col].to_numpy()
-        if values.dtype.kind in "OUST" or isinstance(p[col].dtype, pd.StringDtype):
-            values = p[col].astype(str).to_numpy(dtype=object)
-        coords[col] = ("particle", values)
+        s = p[col]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            coords[col] = _text(_objects(s.array))
+        elif s.dtype.kind in "OUST" or isinstance(s.dtype, pd.StringDtype):
+            coords[col] = _text(_objects(categorical(s.to_numpy(dtype=object))))
+        else:
+            coords[col] = ("particle", s.to_numpy())
     return coords
+
+
+def _objects(cat: pd.Categorical) -> np.ndarray:
+    """A Categorical as an object array of references to one string per distinct value (NaN where
+    missing); a zero-stride view when every particle has the same value."""
+    table = np.empty(len(cat.categories) + 1, dtype=object)
+    table[:-1] = list(cat.categories)
+    table[-1] = np.nan
+    codes = cat.codes
+    if len(codes) > 1 and len(cat.categories) == 1 and (codes == 0).all():
+        return np.broadcast_to(table[:1], (len(codes),))
+    return table[np.where(codes < 0, len(table) - 1, codes)]
+
+
+def _text(values: np.ndarray) -> xr.Variable:
+    """A particle coordinate of Python strings as it is: xarray would otherwise pass an object array
+    through pandas, which makes a new string per element."""
+    return xr.Variable(("particle",), values, fastpath=True)
 
 
 def _finish(ds: xr.Dataset, apply_sign: bool) -> xr.Dataset:
@@ -189,7 +271,12 @@ def _is_zarr(path: Path) -> bool:
     return any((path / marker).exists() for marker in ("zarr.json", ".zgroup", ".zattrs"))
 
 
-def table(ds: xr.Dataset) -> pd.DataFrame:
-    """The per-particle metadata of a dataset as a pandas DataFrame (one row per particle)."""
-    names = [n for n, c in ds.coords.items() if c.dims == ("particle",) and n != "particle"]
-    return pd.DataFrame({n: ds.coords[n].values for n in names})
+def table(ds: xr.Dataset, skip: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The per-particle metadata of a dataset as a pandas DataFrame (one row per particle): numbers
+    as they are (no copy), text as ``pandas.Categorical``. Coordinates named in ``skip`` are left out."""
+    names = [n for n, c in ds.coords.items() if c.dims == ("particle",) and n != "particle" and n not in skip]
+    out = {}
+    for n in names:
+        values = ds.coords[n].values
+        out[n] = categorical(values) if values.dtype == object else values
+    return pd.DataFrame(out, index=pd.RangeIndex(ds.sizes["particle"]), copy=False)

@@ -21,6 +21,14 @@ whatever the source; absent columns mean the source did not say):
 Columns the reader does not interpret are kept under ``star:<label>`` (particle table),
 ``star_optics:<label>`` (optics table) or ``cs:<field>`` (``/`` written as ``.``; vector fields as ``cs:<field>[i]``) and
 written back unchanged.
+
+The table is compact, so that ten million particles fit in a laptop's memory: numbers are numpy
+arrays (a value the same for every particle, such as an optics value of a single optics group, is
+a zero-stride read-only ``np.broadcast_to`` view); text is a ``pandas.Categorical``, whose values
+repeat (``image_name`` holds the stack part of ``rlnImageName`` only, the index being
+``image_index``). An uninterpreted column of RELION image names (``N@stack``, e.g.
+``rlnImageOriginalName``) is kept as the pair ``star:<label>`` (the stack, categorical) and
+``star:<label>@number`` (the number), and written back as one column (see :mod:`dparticles.io.star`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from dparticles.errors import ParticleError
+from dparticles.io.star import NUMBER
 
 CANONICAL = ["image_name", "image_index", "micrograph", "coord_x", "coord_y", "defocus_u", "defocus_v",
              "defocus_angle", "phase_shift", "voltage", "cs", "amp_contrast", "dose", "pixel_size", "box",
@@ -54,7 +63,7 @@ _STAR_OPTICS = {
     "rlnAmplitudeContrast": "amp_contrast", "rlnImagePixelSize": "pixel_size", "rlnImageSize": "box",
 }
 _STAR_OPTICS_DERIVED = {"rlnDetectorPixelSize", "rlnMagnification", "rlnImageDimensionality", "rlnOpticsGroup"}
-_STAR_PARTICLE_DERIVED = {"rlnImageName", "rlnOriginX", "rlnOriginY", "dparticlesDataSign"}
+_STAR_PARTICLE_DERIVED = {"rlnImageName", "rlnImageName" + NUMBER, "rlnOriginX", "rlnOriginY", "dparticlesDataSign"}
 # RELION has no label for the data sign: ours (RELION ignores labels it does not know), written only when
 # some particle is -1, so that a sign given at import survives in particles.star
 SIGN_LABEL = "dparticlesDataSign"
@@ -74,26 +83,28 @@ class Table:
 # ---------------------------------------------------------------------------------------------
 
 def from_star(blocks: dict, path: Path) -> Table:
-    """Interpret STAR blocks (3.0 single table, or 3.1+ optics + particles in any order)."""
+    """Interpret STAR blocks (3.0 single table, or 3.1+ optics + particles in any order), as
+    :func:`dparticles.io.star.read_star` gives them (compact or not)."""
     particles_name = _particle_block(blocks, path)
     star = blocks[particles_name].reset_index(drop=True)
     optics = blocks.get("optics")
     if isinstance(optics, dict):  # a key-value block named optics: one group
         optics = pd.DataFrame([optics])
-    out = pd.DataFrame(index=star.index)
+    n = len(star)
+    out: dict[str, object] = {}
     version = "3.1" if optics is not None else "3.0"
     detector: dict[str, np.ndarray] = {}  # 3.0-style pixel size inputs found in an optics table
 
     if "rlnImageName" in star:
-        out["image_name"], out["image_index"] = _split_image_names(star["rlnImageName"], path)
+        out["image_name"], out["image_index"] = _image_names(star, path)
     for label, name in _STAR_PARTICLE.items():
         if label in star:
-            out[name] = star[label]
+            out[name] = _values(star[label])
     for label, name in _STAR_OPTICS.items():  # 3.0 files carry optics per particle
         if label in star and name not in out:
-            out[name] = star[label]
+            out[name] = _values(star[label])
     if SIGN_LABEL in star:
-        out["sign"] = _floats(star[SIGN_LABEL], SIGN_LABEL, path)
+        out["sign"] = _floats(_values(star[SIGN_LABEL]), SIGN_LABEL, path)
 
     if optics is not None:
         if "rlnOpticsGroup" not in optics:
@@ -102,15 +113,16 @@ def from_star(blocks: dict, path: Path) -> Table:
             if len(optics) != 1:
                 raise ParticleError("particles have no rlnOpticsGroup but data_optics has several groups",
                                     path=path)
-            out["optics_group"] = int(optics["rlnOpticsGroup"].iloc[0])
+            out["optics_group"] = _same(np.int64(optics["rlnOpticsGroup"].iloc[0]), n)
         table = optics.set_index("rlnOpticsGroup")
-        missing = ~out["optics_group"].isin(table.index)
+        rows = _rows_of(out["optics_group"], table.index)
+        missing = rows < 0
         if missing.any():
-            row = int(np.flatnonzero(missing.to_numpy())[0])
-            raise ParticleError(f"rlnOpticsGroup {out['optics_group'].iloc[row]} is not in data_optics "
+            row = int(np.flatnonzero(missing)[0])
+            raise ParticleError(f"rlnOpticsGroup {out['optics_group'][row]} is not in data_optics "
                                 f"(groups: {sorted(table.index.tolist())})", path=path, particle=row + 1)
         for label in table.columns:
-            values = table[label].reindex(out["optics_group"]).to_numpy()
+            values = _per_group(table[label], rows)
             name = _STAR_OPTICS.get(label)
             if name is not None:
                 out[name] = values
@@ -124,52 +136,142 @@ def from_star(blocks: dict, path: Path) -> Table:
         version = "3.1"  # rlnOpticsGroup without data_optics: a 3.1 file missing its optics table
 
     # pixel size from detector pixel (µm) and magnification when not given directly (3.0)
-    det = star.get("rlnDetectorPixelSize", detector.get("rlnDetectorPixelSize"))
-    mag = star.get("rlnMagnification", detector.get("rlnMagnification"))
+    det = _values(star["rlnDetectorPixelSize"]) if "rlnDetectorPixelSize" in star else detector.get("rlnDetectorPixelSize")
+    mag = _values(star["rlnMagnification"]) if "rlnMagnification" in star else detector.get("rlnMagnification")
     if "pixel_size" not in out and det is not None and mag is not None:
-        out["pixel_size"] = 1e4 * np.asarray(det, dtype=np.float64) / np.asarray(mag, dtype=np.float64)
+        out["pixel_size"] = _same_or(1e4 * np.asarray(det, dtype=np.float64) / np.asarray(mag, dtype=np.float64))
 
     # pixel-valued origins (3.0 convention; also seen inside 3.1 files): to Å
     for axis in "XY":
         label = f"rlnOrigin{axis}"
         if label in star and f"shift_{axis.lower()}" not in out:
+            origin = np.asarray(_values(star[label]), dtype=np.float64)
             if "pixel_size" not in out:
-                out[f"_origin_px_{axis.lower()}"] = star[label].astype(np.float64)
+                out[f"_origin_px_{axis.lower()}"] = origin
             else:
-                out[f"shift_{axis.lower()}"] = star[label].astype(np.float64) * out["pixel_size"].astype(np.float64)
+                out[f"shift_{axis.lower()}"] = origin * np.asarray(out["pixel_size"], dtype=np.float64)
 
     for label in star.columns:
         if label not in _STAR_PARTICLE and label not in _STAR_PARTICLE_DERIVED and label not in _STAR_OPTICS \
                 and label not in _STAR_OPTICS_DERIVED:
-            out[f"star:{label}"] = star[label].to_numpy()
+            values = _values(star[label])
+            out[f"star:{label}"] = _same_or(values) if isinstance(values, np.ndarray) else values
 
     for col in ("optics_group", "class_number", "box"):
         if col in out:
-            out[col] = out[col].astype(np.int64)
+            out[col] = _ints(out[col])
     labels = {v: k for k, v in (_STAR_PARTICLE | _STAR_OPTICS).items()}
     for col in _FLOAT:  # e.g. 'rlnVoltage 300' parses as an integer; units are float whatever the file wrote
         if col in out:
             out[col] = _floats(out[col], labels.get(col, col), path)
     if "optics_group" not in out:
-        out["optics_group"] = np.int64(1)
+        out["optics_group"] = _same(np.int64(1), n)
     if "optics_group_name" not in out:
-        out["optics_group_name"] = [f"opticsGroup{g}" for g in out["optics_group"]]
+        out["optics_group_name"] = _group_names(out["optics_group"])
     pose = "3d" if {"angle_rot", "angle_tilt"} <= set(out) else "2d" if "angle_psi" in out else "none"
-    return Table(out, {"format": f"relion-{version}", "pose": pose, "particle_block": particles_name})
+    particles = pd.DataFrame(out, index=pd.RangeIndex(n), copy=False)
+    return Table(particles, {"format": f"relion-{version}", "pose": pose, "particle_block": particles_name})
+
+
+def assign(particles: pd.DataFrame, columns: dict) -> pd.DataFrame:
+    """``particles`` with ``columns`` set, sharing every array (``df[name] = values`` copies, and makes
+    a zero-stride view a full array)."""
+    if not columns:
+        return particles
+    out = {c: _values(particles[c]) for c in particles.columns} | {k: _values(v) if isinstance(v, pd.Series) else v
+                                                                   for k, v in columns.items()}
+    return pd.DataFrame(out, index=particles.index, copy=False)
+
+
+def _values(s: pd.Series):
+    """A column's values without a copy: a Categorical as it is, anything else as a numpy array."""
+    return s.array if isinstance(s.dtype, pd.CategoricalDtype) else s.to_numpy()
+
+
+def _same(value, n: int) -> np.ndarray:
+    """``value`` for each of ``n`` particles, in no memory (a read-only zero-stride view)."""
+    return np.broadcast_to(np.asarray(value), (n,))
+
+
+def _same_or(values: np.ndarray) -> np.ndarray:
+    """``values``, as a zero-stride view when they are all the same number."""
+    values = np.asarray(values)
+    if values.ndim == 1 and len(values) > 1 and values.dtype.kind in "iufb" and values.strides != (0,) \
+            and (values == values[0]).all():
+        return _same(values[0], len(values))
+    return values
+
+
+def _ints(values) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype == np.int64:
+        return values
+    if values.ndim == 1 and values.strides == (0,) and len(values):
+        return _same(values[:1].astype(np.int64)[0], len(values))
+    return values.astype(np.int64)
+
+
+def _rows_of(groups, keys: pd.Index) -> np.ndarray:
+    """For each particle, the row of its optics group in the optics table (-1 if absent)."""
+    groups = np.asarray(groups)
+    if groups.ndim == 1 and groups.strides == (0,) and len(groups):
+        return _same(keys.get_indexer(groups[:1])[0], len(groups))
+    if groups.dtype.kind in "iu" and len(groups) and keys.dtype.kind in "iu":
+        lo, hi = int(groups.min()), int(groups.max())
+        if lo >= 0 and hi < 2**20:  # small group numbers: a lookup table instead of hashing each particle
+            lut = np.full(hi + 1, -1, dtype=np.int64)
+            inside = (keys >= 0) & (keys <= hi)
+            lut[np.asarray(keys[inside], dtype=np.int64)] = np.flatnonzero(inside)
+            rows = lut[groups]
+            return _same(rows[0], len(rows)) if (rows == rows[0]).all() else rows
+    return keys.get_indexer(groups)
+
+
+def _per_group(column: pd.Series, rows: np.ndarray):
+    """An optics-table column for each particle: a view when one group, text as a Categorical."""
+    values = column.to_numpy()
+    if values.dtype == object or isinstance(column.dtype, (pd.CategoricalDtype, pd.StringDtype)):
+        codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+        if rows.strides == (0,) and len(rows):
+            codes = np.full(len(rows), codes[rows[0]], dtype=np.int8 if len(uniques) < 128 else np.int32)
+        else:
+            codes = codes[rows]
+        return pd.Categorical.from_codes(codes, categories=pd.Index(uniques, dtype=object))
+    if rows.ndim == 1 and rows.strides == (0,) and len(rows):
+        return _same(values[rows[0]], len(rows))
+    return values[rows]
+
+
+def _group_names(groups) -> pd.Categorical:
+    """``opticsGroupN`` for each particle's group N."""
+    groups = np.asarray(groups)
+    if groups.strides == (0,) or not len(groups):
+        codes, uniques = np.zeros(len(groups), np.int8), groups[:1]
+    else:
+        codes, uniques = pd.factorize(groups)
+    return pd.Categorical.from_codes(codes, categories=pd.Index([f"opticsGroup{g}" for g in uniques], dtype=object))
 
 
 _FLOAT = ["coord_x", "coord_y", "defocus_u", "defocus_v", "defocus_angle", "phase_shift", "voltage", "cs", "dose",
           "amp_contrast", "pixel_size", "shift_x", "shift_y", "angle_rot", "angle_tilt", "angle_psi"]
 
 
-def _floats(values: pd.Series, name: str, path: Path) -> pd.Series:
-    """A numeric column as float64, or a clear error naming the first particle that is not a number."""
-    out = pd.to_numeric(values, errors="coerce").astype(np.float64)
-    bad = out.isna() & values.notna()
+def _floats(values, name: str, path: Path) -> np.ndarray:
+    """A numeric column as float64 (a view when it is one already), or a clear error naming the first
+    particle that is not a number."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iufb":
+        if values.dtype == np.float64:
+            return values
+        if values.ndim == 1 and values.strides == (0,) and len(values):
+            return _same(np.float64(values[0]), len(values))
+        return values.astype(np.float64)
+    series = pd.Series(np.asarray(values, dtype=object))
+    out = pd.to_numeric(series, errors="coerce").astype(np.float64)
+    bad = out.isna() & series.notna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ParticleError(f"{name} is {values.iloc[row]!r}; expected a number", path=path, particle=row + 1)
-    return out
+        raise ParticleError(f"{name} is {series.iloc[row]!r}; expected a number", path=path, particle=row + 1)
+    return _same_or(out.to_numpy())
 
 
 def _particle_block(blocks: dict, path: Path) -> str:
@@ -193,6 +295,21 @@ def _particle_block(blocks: dict, path: Path) -> str:
 
 
 _IMAGE_NAME = re.compile(r"^\s*(\d+)@(.+?)\s*$")
+
+
+def _image_names(star: pd.DataFrame, path: Path) -> tuple[pd.Categorical, np.ndarray]:
+    """(stack names as a Categorical, 0-based indices) of ``rlnImageName``, read apart or not."""
+    if "rlnImageName" + NUMBER in star:
+        index = star["rlnImageName" + NUMBER].to_numpy() - 1
+        names = star["rlnImageName"].array
+        if (index < 0).any():
+            row = int(np.flatnonzero(index < 0)[0])
+            raise ParticleError(f"rlnImageName {f'{index[row] + 1:06d}@{names[row]}'!r}: image numbers start at 1",
+                                path=path, particle=row + 1)
+        return names, index
+    names, index = _split_image_names(star["rlnImageName"], path)
+    codes, uniques = pd.factorize(names)
+    return pd.Categorical.from_codes(codes, categories=pd.Index(uniques, dtype=object)), index
 
 
 def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -242,41 +359,69 @@ def _split_image_names_arrow(names: pd.Series) -> tuple[np.ndarray, np.ndarray] 
     return stack.to_numpy(zero_copy_only=False).astype(object), index
 
 
-def to_star(particles: pd.DataFrame, image_names: np.ndarray | None) -> dict[str, pd.DataFrame]:
-    """Canonical table -> RELION 3.1 blocks (optics table, Å origins). ``image_names`` as N@path."""
-    groups = particles.drop_duplicates("optics_group").sort_values("optics_group")
-    optics = pd.DataFrame({"rlnOpticsGroup": groups["optics_group"].to_numpy(),
-                           "rlnOpticsGroupName": groups["optics_group_name"].astype(str).to_numpy()})
+def to_star(particles: pd.DataFrame, paths: np.ndarray | None = None,
+            indices: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
+    """Canonical table -> RELION 3.1 blocks (optics table, Å origins). Images at ``paths`` (one per
+    particle) / ``indices`` (0-based) become ``rlnImageName`` ``NNNNNN@path``, as the pair of columns
+    :func:`dparticles.io.star.write_star` writes as one."""
+    groups = particles.iloc[_first_rows(particles["optics_group"].to_numpy())].sort_values("optics_group")
+    optics = {"rlnOpticsGroup": groups["optics_group"].to_numpy(),
+              "rlnOpticsGroupName": groups["optics_group_name"].astype(str).to_numpy(dtype=object)}
     for label, name in _STAR_OPTICS.items():
         if name in groups and label != "rlnOpticsGroupName":
             optics[label] = groups[name].to_numpy()
     if "box" in groups:
-        optics["rlnImageDimensionality"] = 2
+        optics["rlnImageDimensionality"] = np.full(len(groups), 2)
     if "dose" in groups:
         optics[DOSE_LABEL] = groups["dose"].to_numpy(np.float64)
     for col in groups.columns:
         if col.startswith("star_optics:"):
             optics[col.split(":", 1)[1]] = groups[col].to_numpy()
 
-    out = pd.DataFrame(index=particles.index)
+    out: dict[str, object] = {}
     inverse = {v: k for k, v in _STAR_PARTICLE.items()}
     for name in CANONICAL:
         if name in inverse and name in particles:
-            out[inverse[name]] = particles[name].to_numpy()
+            out[inverse[name]] = _values(particles[name])
     for col in particles.columns:
         if col.startswith("star:"):
-            out[col.split(":", 1)[1]] = particles[col].to_numpy()
+            out[col.split(":", 1)[1]] = _values(particles[col])
     if "sign" in particles and (particles["sign"].to_numpy() != 1).any():
         out[SIGN_LABEL] = particles["sign"].to_numpy(np.float64)
-    if image_names is not None:
-        out["rlnImageName"] = image_names
-    return {"optics": optics.reset_index(drop=True), "particles": out.reset_index(drop=True)}
+    if paths is not None:
+        out["rlnImageName"] = categorical(paths)
+        out["rlnImageName" + NUMBER] = np.asarray(indices, dtype=np.int64) + 1
+    return {"optics": pd.DataFrame(optics), "particles": pd.DataFrame(out, index=pd.RangeIndex(len(particles)), copy=False)}
 
 
-def image_names(indices: np.ndarray, paths: np.ndarray) -> np.ndarray:
-    """RELION image names ``NNNNNN@path`` from 0-based indices (at least 6 digits, as RELION writes)."""
-    idx = pd.Series(np.asarray(indices) + 1).astype(str).str.zfill(6)
-    return (idx + "@" + pd.Series(paths, dtype=object).astype(str)).to_numpy(dtype=object)
+def _first_rows(values: np.ndarray) -> np.ndarray:
+    """The first row of each distinct value, in row order."""
+    if values.ndim == 1 and values.strides == (0,) or len(values) < 2:
+        return np.arange(min(len(values), 1))
+    return pd.Series(values).drop_duplicates().index.to_numpy()
+
+
+def categorical(values) -> pd.Categorical:
+    """Text values (an array of shared or repeated strings) as a Categorical, by hashing."""
+    if isinstance(values, pd.Categorical):
+        return values
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
+        return values.array
+    values = np.asarray(values, dtype=object)
+    if values.ndim == 1 and values.strides == (0,) and len(values):
+        values, codes = values[:1], np.zeros(len(values), np.int8)
+    elif values.ndim == 1 and len(values) > 1 and values.flags.c_contiguous:
+        # by identity first (the elements are a few shared objects: hashing pointers is cheap), then
+        # by value among those few (equal strings may be different objects)
+        codes, _ = pd.factorize(np.frombuffer(values.data, dtype=np.intp))
+        first = np.searchsorted(np.maximum.accumulate(codes), np.arange(codes.max() + 1))
+        values, codes = values[first], codes
+    else:
+        codes = None
+    by_value, uniques = pd.factorize(values, use_na_sentinel=True)
+    if codes is not None:
+        by_value = by_value[codes]
+    return pd.Categorical.from_codes(by_value, categories=pd.Index(uniques, dtype=object))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +431,7 @@ def image_names(indices: np.ndarray, paths: np.ndarray) -> np.ndarray:
 def from_cs(data: np.ndarray, path: Path) -> Table:
     """Interpret a CryoSPARC particle dataset (0-based indices, radians, pixel shifts)."""
     names = set(data.dtype.names)
-    out = pd.DataFrame(index=pd.RangeIndex(len(data)))
+    out: dict[str, object] = {}
     used: set[str] = set()
 
     def take(field_: str):
@@ -296,34 +441,38 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
     if "uid" in names:
         out["uid"] = take("uid").astype(np.uint64)
     if "blob/path" in names:
-        raw = pd.Series(take("blob/path")).str.decode("utf-8")
-        out["image_name"] = raw.str.lstrip(">").to_numpy(dtype=object)
+        paths = _decoded(take("blob/path"))
+        out["image_name"] = paths.rename_categories([c.lstrip(">") for c in paths.categories]) \
+            if len(set(c.lstrip(">") for c in paths.categories)) == len(paths.categories) \
+            else categorical(np.asarray(paths.categories.str.lstrip(">"), dtype=object)[paths.codes])
         out["image_index"] = take("blob/idx").astype(np.int64)
     if "blob/shape" in names:
         shape = take("blob/shape")
         if (shape[:, 0] != shape[:, 1]).any():
             row = int(np.flatnonzero(shape[:, 0] != shape[:, 1])[0])
             raise ParticleError(f"blob/shape {tuple(shape[row])} is not square", path=path, particle=row + 1)
-        out["box"] = shape[:, 0].astype(np.int64)
+        out["box"] = _same_or(shape[:, 0].astype(np.int64))
     if "blob/psize_A" in names:
-        out["pixel_size"] = take("blob/psize_A").astype(np.float64)
+        out["pixel_size"] = _same_or(take("blob/psize_A").astype(np.float64))
     if "blob/sign" in names:
-        out["sign"] = take("blob/sign").astype(np.float64)
+        out["sign"] = _same_or(take("blob/sign").astype(np.float64))
     simple = {"ctf/accel_kv": "voltage", "ctf/cs_mm": "cs", "ctf/amp_contrast": "amp_contrast",
               "ctf/df1_A": "defocus_u", "ctf/df2_A": "defocus_v", "mscope_params/total_dose_e_per_A2": "dose"}
     for f, name in simple.items():
         if f in names:
             out[name] = take(f).astype(np.float64)
+            if name in ("voltage", "cs", "amp_contrast", "dose"):
+                out[name] = _same_or(out[name])
     for f, name in {"ctf/df_angle_rad": "defocus_angle", "ctf/phase_shift_rad": "phase_shift"}.items():
         if f in names:
             out[name] = np.rad2deg(take(f).astype(np.float64))
     if "ctf/exp_group_id" in names:
-        out["optics_group"] = take("ctf/exp_group_id").astype(np.int64) + 1
+        out["optics_group"] = _same_or(take("ctf/exp_group_id").astype(np.int64) + 1)
     else:
-        out["optics_group"] = np.int64(1)
-    out["optics_group_name"] = [f"opticsGroup{g}" for g in out["optics_group"]]
+        out["optics_group"] = _same(np.int64(1), len(data))
+    out["optics_group_name"] = _group_names(out["optics_group"])
     if "location/micrograph_path" in names:
-        out["micrograph"] = pd.Series(take("location/micrograph_path")).str.decode("utf-8").to_numpy(dtype=object)
+        out["micrograph"] = _decoded(take("location/micrograph_path"))
     if {"location/center_x_frac", "location/micrograph_shape"} <= names:
         shape = take("location/micrograph_shape").astype(np.float64)
         out["coord_x"] = take("location/center_x_frac").astype(np.float64) * shape[:, 1]
@@ -355,11 +504,24 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
         col = data[f]
         key = f"cs:{f.replace('/', '.')}"
         if col.ndim == 1:
-            out[key] = col
+            out[key] = _decoded(col) if col.dtype.kind == "S" else np.ascontiguousarray(col)
         else:
             for i in range(col.shape[1]):
-                out[f"{key}[{i}]"] = col[:, i]
-    return Table(out, {"format": "cryosparc", "pose": pose})
+                out[f"{key}[{i}]"] = np.ascontiguousarray(col[:, i])
+    return Table(pd.DataFrame(out, index=pd.RangeIndex(len(data)), copy=False), {"format": "cryosparc", "pose": pose})
+
+
+def _decoded(values: np.ndarray) -> pd.Categorical:
+    """A fixed-width bytes field as a Categorical of its distinct values decoded from UTF-8, a
+    million rows at a time (no Python object per row)."""
+    index: dict = {}
+    codes = np.empty(len(values), dtype=np.int32)
+    for a in range(0, len(values), 1_000_000):
+        part, uniques = pd.factorize(values[a:a + 1_000_000].astype(object))
+        mapping = np.array([index.setdefault(u, len(index)) for u in uniques.tolist()], dtype=np.int32)
+        codes[a:a + len(part)] = mapping[part]
+    categories = [u.decode("utf-8") for u in index]
+    return pd.Categorical.from_codes(codes, categories=pd.Index(categories, dtype=object))
 
 
 def to_cs(particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray | None,
@@ -370,7 +532,7 @@ def to_cs(particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray
     uid = particles["uid"].to_numpy(np.uint64) if "uid" in particles else _new_uids(n)
     cols["uid"] = uid
     if paths is not None:
-        cols["blob/path"] = np.array([p.encode("utf-8") for p in paths], dtype=bytes)
+        cols["blob/path"] = _encoded(paths)
         cols["blob/idx"] = np.asarray(indices, dtype=np.uint32)
     if "box" in particles:
         cols["blob/shape"] = np.stack([particles["box"].to_numpy(np.uint32)] * 2, axis=1)
@@ -388,7 +550,7 @@ def to_cs(particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray
     cols["ctf/exp_group_id"] = (particles["optics_group"].to_numpy(np.int64) - 1).astype(np.uint32)
     mic = "exposure" if "exposure" in particles else "micrograph"  # a linked exposure is the better path
     if mic in particles:
-        cols["location/micrograph_path"] = np.array([str(m).encode("utf-8") for m in particles[mic]], dtype=bytes)
+        cols["location/micrograph_path"] = _encoded(particles[mic])
     if {"coord_x", "micrograph_nx"} <= set(particles):
         ny, nx = particles["micrograph_ny"].to_numpy(), particles["micrograph_nx"].to_numpy()
         cols["location/micrograph_shape"] = np.stack([ny, nx], axis=1).astype(np.uint32)
@@ -417,7 +579,7 @@ def to_cs(particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray
         if m:
             vectors.setdefault(m.group(1), {})[int(m.group(2))] = particles[col].to_numpy()
         elif name not in cols:
-            cols[name] = _cs_column(particles[col].to_numpy())
+            cols[name] = _cs_column(_values(particles[col]))
     for name, parts in vectors.items():
         if name not in cols:
             cols[name] = np.stack([_cs_column(parts[i]) for i in sorted(parts)], axis=1)
@@ -428,11 +590,20 @@ def to_cs(particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray
     return out
 
 
-def _cs_column(values: np.ndarray) -> np.ndarray:
+def _cs_column(values) -> np.ndarray:
     """Text columns as fixed-width UTF-8 bytes (a .cs file holds no Python objects)."""
-    if values.dtype.kind in "OU":
-        return np.array([v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values], dtype=bytes)
+    if isinstance(values, pd.Categorical) or values.dtype.kind in "OU":
+        return _encoded(values)
     return values
+
+
+def _encoded(values) -> np.ndarray:
+    """Text (any array of str or bytes, or a Categorical) as fixed-width UTF-8 bytes, encoding each
+    distinct value once."""
+    cat = categorical(values.array if isinstance(values, pd.Series) else values)
+    table = np.array([v if isinstance(v, bytes) else str(v).encode("utf-8") for v in cat.categories.tolist()] + [b"nan"],
+                     dtype=bytes)
+    return table[np.where(cat.codes < 0, len(table) - 1, cat.codes)]
 
 
 def _new_uids(n: int) -> np.ndarray:

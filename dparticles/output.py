@@ -17,7 +17,7 @@ from dparticles.errors import ParticleError
 from dparticles.io.files import TMP_MARK, tmp_name
 from dparticles.io.cs import write_cs
 from dparticles.io.star import write_star
-from dparticles.metadata import image_names, to_cs, to_star
+from dparticles.metadata import assign, to_cs, to_star
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` then rename tmp to ``path``; on any failure remove tmp and re-raise.
@@ -102,12 +102,9 @@ def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices:
     """Write ``particles.star`` (and ``particles.cs`` when ``cs``) in ``out`` for the particles of
     ``ds``, whose images are now at ``paths`` (relative to ``out``) / ``indices`` (0-based).
     ``updates`` replaces canonical columns (new pixel size, box, shifts...). Written last, atomically."""
-    particles = table(ds).drop(columns=["image_path", "stack_id", "image_name", "image_index"], errors="ignore")
-    for name, values in (updates or {}).items():
-        particles[name] = values
+    particles = assign(table(ds, skip=("image_path", "stack_id", "image_name", "image_index")), updates or {})
     if cs:
         data = to_cs(particles, paths, indices, ds.attrs.get("pose", "none"))
         atomic_write(out / "particles.cs", lambda tmp: write_cs(tmp, data))
-    names = image_names(indices, paths) if paths is not None else None
-    blocks = to_star(particles, names)
+    blocks = to_star(particles, paths, indices)
     atomic_write(out / "particles.star", lambda tmp: write_star(tmp, blocks))

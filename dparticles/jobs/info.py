@@ -5,28 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import xarray as xr
-
-from dparticles.dataset import table
 
 
 def describe(ds: xr.Dataset) -> dict:
-    """A JSON-ready summary of an opened particle set (no pixel data is read)."""
-    p = table(ds)
-    n = len(p)
+    """A JSON-ready summary of an opened particle set (no pixel data is read). Whole-array numpy
+    operations on the coordinates: no Python loop runs per particle."""
+    c = ds.coords
+    n = ds.sizes["particle"]
     info: dict = {"source": ds.attrs.get("source"), "format": ds.attrs.get("format"), "n_particles": n}
     groups = []
-    for g, rows in p.groupby("optics_group", sort=True):
-        first = rows.iloc[0]
-        groups.append({k: _plain(first[c]) for k, c in
-                       [("optics_group", "optics_group"), ("name", "optics_group_name"),
-                        ("pixel_size", "pixel_size"), ("box", "box"), ("voltage", "voltage"),
-                        ("cs", "cs"), ("amp_contrast", "amp_contrast")] if c in rows}
-                      | {"n_particles": len(rows)})
+    if "optics_group" in c and n:
+        for g, first, count in zip(*_groups(c["optics_group"].values)):
+            groups.append({k: _plain(c[name].values[first]) for k, name in
+                           [("optics_group", "optics_group"), ("name", "optics_group_name"),
+                            ("pixel_size", "pixel_size"), ("box", "box"), ("voltage", "voltage"),
+                            ("cs", "cs"), ("amp_contrast", "amp_contrast")] if name in c}
+                          | {"n_particles": int(count)})
     sizes = sorted({g["pixel_size"] for g in groups if "pixel_size" in g})
     info["pixel_size"] = sizes[0] if len(sizes) == 1 else {str(g["optics_group"]): g.get("pixel_size") for g in groups}
     info["optics_groups"] = groups
-    info["box"] = int(p["box"].iloc[0]) if "box" in p and p["box"].nunique() == 1 else None
+    boxes = _distinct(c["box"].values) if "box" in c else []
+    info["box"] = int(boxes[0]) if len(boxes) == 1 else None
     image_bytes = ds["images"].dtype.itemsize * ds.sizes["y"] * ds.sizes["x"] if "images" in ds else 0
     if "images" in ds and "zarr" in ds.attrs:  # a zarr cache holds exactly the particles in use, compressed
         stored = sum(f.stat().st_size for f in Path(ds.attrs["zarr"]).rglob("*") if f.is_file())
@@ -34,25 +35,63 @@ def describe(ds: xr.Dataset) -> dict:
                  "dtype": str(ds["images"].dtype), "particles_on_disk": n, "bytes_in_use": int(n * image_bytes),
                  "bytes_on_disk": int(stored), "stacks": []}
     elif "images" in ds:
-        in_use = np.bincount(ds["stack_id"].values, minlength=ds.sizes["stack"])
+        on_disk = c["stack_images"].values
+        in_use = np.bincount(c["stack_id"].values, minlength=ds.sizes["stack"])
+        kinds, kind = np.unique(c["stack_dtype"].values.astype(str), return_inverse=True)
+        itemsize = np.array([np.dtype(k).itemsize for k in kinds], dtype=np.int64)[kind]
         info |= {"n_stacks": ds.sizes["stack"], "dtype": str(ds["images"].dtype),
-                 "particles_on_disk": int(ds["stack_images"].sum()),
-                 "bytes_in_use": int(n * image_bytes), "bytes_on_disk": int(sum(n * np.dtype(d).itemsize for n, d in zip(ds["stack_images"].values,
-                                                                                   ds["stack_dtype"].values))
-                                      * ds.sizes["y"] * ds.sizes["x"]),
-                 "stacks": [{"path": str(path), "in_use": int(k), "on_disk": int(m)} for path, k, m in
-                            zip(ds["stack_path"].values, in_use, ds["stack_images"].values)]}
+                 "particles_on_disk": int(on_disk.sum()), "bytes_in_use": int(n * image_bytes),
+                 "bytes_on_disk": int((on_disk * itemsize).sum() * ds.sizes["y"] * ds.sizes["x"]),
+                 "stacks": [{"path": path, "in_use": k, "on_disk": m} for path, k, m in
+                            zip(c["stack_path"].values.tolist(), in_use.tolist(), on_disk.tolist())]}
     else:
         info |= {"n_stacks": 0, "dtype": None, "particles_on_disk": 0, "bytes_in_use": 0, "bytes_on_disk": 0,
                  "stacks": []}
-    signs = sorted({float(s) for s in p["sign"]}) if "sign" in p else [1.0]
+    signs = [float(s) for s in _distinct(c["sign"].values)] if "sign" in c else [1.0]
     info["sign"] = signs[0] if len(signs) == 1 else signs
     info["ctf"] = bool(ds.attrs.get("has_ctf", False))
     info["alignments"] = ds.attrs.get("pose", "none")
-    info["exposures"] = int((p["exposure"] != "").sum()) if "exposure" in p else 0
-    duplicates = p.duplicated(["image_path", "image_index"]).sum() if "image_path" in p else 0
-    info["duplicate_images"] = int(duplicates)
+    info["exposures"] = int((c["exposure"].values != "").sum()) if "exposure" in c else 0
+    info["duplicate_images"] = _duplicates(ds) if "image_path" in c else 0
     return info
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (one look when every particle has the same, as a zero-stride view)."""
+    if values.ndim == 1 and values.strides == (0,) and len(values):
+        return values[:1]
+    return np.unique(values)
+
+
+def _groups(values: np.ndarray) -> tuple[list, list, list]:
+    """(group, first row, particles) of each distinct value, by group."""
+    if values.ndim == 1 and values.strides == (0,):
+        return [values[0]], [0], [len(values)]
+    uniq, first, counts = np.unique(values, return_index=True, return_counts=True)
+    return uniq.tolist(), first.tolist(), counts.tolist()
+
+
+def _duplicates(ds: xr.Dataset) -> int:
+    """Particles that name an image (stack path and index) another particle named before."""
+    c = ds.coords
+    ids, index = c["stack_id"].values, c["image_index"].values
+    if not len(ids):
+        return 0
+    path_of, paths = pd.factorize(c["stack_path"].values)  # two names may lead to one file
+    ids = path_of[ids]
+    sizes = np.zeros(len(paths), dtype=np.int64)
+    np.maximum.at(sizes, path_of, c["stack_images"].values.astype(np.int64))
+    start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    inside = (index >= 0) & (index < sizes[ids])
+    seen = np.bincount(start[ids[inside]] + index[inside], minlength=int(sizes.sum()))  # a slot per image on disk
+    return int((seen - 1).clip(min=0).sum()) + _duplicates_of(ids[~inside], index[~inside])
+
+
+def _duplicates_of(ids: np.ndarray, index: np.ndarray) -> int:
+    if not len(ids):
+        return 0
+    pairs = np.unique(np.stack([ids.astype(np.int64), index.astype(np.int64)], axis=1), axis=0)
+    return len(ids) - len(pairs)
 
 
 def format_text(info: dict) -> str:
