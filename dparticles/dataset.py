@@ -37,7 +37,7 @@ from dparticles.errors import ParticleError
 from dparticles.io.cs import read_cs
 from dparticles.io.star import read_star
 from dparticles.io.zarr_cache import open_zarr
-from dparticles.metadata import POSE, Table, assign, categorical, from_cs, from_star
+from dparticles.metadata import POSE, UNITS, Table, assign, categorical, from_cs, from_star
 from dparticles.stack import check_indices, lazy_images, read_infos, resolve_stacks, search_roots
 
 CHUNK_BYTES = 64 * 2**20  # default dask chunk: a few tens of MB of images, whatever the box
@@ -261,6 +261,9 @@ def _text(values: np.ndarray) -> xr.Variable:
 
 
 def _finish(ds: xr.Dataset, apply_sign: bool) -> xr.Dataset:
+    for name, unit in UNITS.items():
+        if name in ds.coords:
+            ds[name].attrs["units"] = unit
     if apply_sign and "images" in ds:
         signed = ds["images"] * ds["sign"].astype(ds["images"].dtype)
         ds = ds.assign(images=signed.transpose("particle", "y", "x"))

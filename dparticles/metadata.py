@@ -48,6 +48,11 @@ CANONICAL = ["image_name", "image_index", "micrograph", "coord_x", "coord_y", "d
              "optics_group", "optics_group_name", "shift_x", "shift_y", "angle_rot", "angle_tilt",
              "angle_psi", "class_number", "sign", "exposure", "uid"]
 POSE = ["shift_x", "shift_y", "angle_rot", "angle_tilt", "angle_psi"]
+# units of the canonical columns, as xarray ``units`` attributes (CF style); the others have none
+UNITS = {"coord_x": "pixel", "coord_y": "pixel", "defocus_u": "angstrom", "defocus_v": "angstrom",
+         "defocus_angle": "degree", "phase_shift": "degree", "voltage": "kV", "cs": "mm", "dose": "e/angstrom^2",
+         "pixel_size": "angstrom", "box": "pixel", "shift_x": "angstrom", "shift_y": "angstrom",
+         "angle_rot": "degree", "angle_tilt": "degree", "angle_psi": "degree"}
 
 # RELION particle-table labels that map one to one onto canonical columns (same units)
 _STAR_PARTICLE = {

@@ -114,6 +114,7 @@ def downsample(ds: xr.Dataset, *, crop_box: int | None = None, fourier_box: int 
         raise ParticleError(f"lowpass must be a finite resolution in Å greater than 0, got {lowpass!r}")
     if micrograph_pixel_size is not None and not _positive(micrograph_pixel_size):
         raise ParticleError(f"micrograph pixel size must be greater than 0 Å, got {micrograph_pixel_size!r}")
+    _warn_odd_requests(boxes, c, lowpass, float(psize.max()))
     shifts = _shifts_px(ds, psize) if recenter else None
     mic, mic_from = _micrograph_pixel_size(ds, micrograph_pixel_size) if recenter else (None, None)
 
@@ -122,6 +123,22 @@ def downsample(ds: xr.Dataset, *, crop_box: int | None = None, fourier_box: int 
     out = [_result(ds, img, psize * c / b if b != c else psize.copy(), b, mic, mic_from)
            for img, b in zip(images, boxes)]
     return out if many else out[0]
+
+
+def _warn_odd_requests(boxes: list[int], c: int, lowpass: float | None, psize: float) -> None:
+    """Say so when a request is allowed but probably not meant: an odd box, a Fourier box larger
+    than the box (that pads in Fourier space: upsampling adds no information), a lowpass finer than
+    the output can hold (it then changes nothing)."""
+    for b in boxes:
+        if b % 2:
+            warnings.warn(f"Fourier box {b} is odd; RELION and CryoSPARC expect even boxes", stacklevel=3)
+        if b > c:
+            warnings.warn(f"Fourier box {b} is larger than the box {c}: this pads in Fourier space (upsamples, "
+                          "adding no information); use --crop-box to pad in real space", stacklevel=3)
+        nyquist = 2 * psize * c / b
+        if lowpass is not None and lowpass < nyquist:
+            warnings.warn(f"lowpass {lowpass:g} Å is beyond the {b}-pixel output's Nyquist limit "
+                          f"({nyquist:.4g} Å): it changes nothing there", stacklevel=3)
 
 
 def _positive(value: object) -> bool:
@@ -260,7 +277,8 @@ def _result(ds: xr.Dataset, images: da.Array, new_psize: np.ndarray, box: int, m
             if f"coord_{axis}" in ds.coords:
                 coords[f"coord_{axis}"] = ("particle", ds[f"coord_{axis}"].values - shift / mic)
             coords[f"shift_{axis}"] = ("particle", np.zeros_like(shift))
-    out = out.assign_coords(coords)
+    out = out.assign_coords({name: (*value, ds[name].attrs if name in ds.coords else {})
+                             for name, value in coords.items()})  # units stay
     out["images"] = (("particle", "y", "x"), images)
     out.attrs = dict(ds.attrs)
     if mic_from is not None:

@@ -39,3 +39,12 @@ def test_plain_xarray_opens_a_zarr_cache_without_warnings(real, tmp_path):
         warnings.simplefilter("error")
         z = xr.open_zarr(tmp_path / "c.zarr")
     np.testing.assert_array_equal(z["images"].values, dparticles.open_particles(real / SELECT)["images"].values)
+
+
+def test_coordinates_carry_units_through_transforms(real):
+    ds = dparticles.open_particles(real / SELECT)
+    small = dparticles.ops.downsample(ds, fourier_box=64, recenter=True)
+    for d in (ds, small):
+        assert d["defocus_u"].attrs["units"] == "angstrom" and d["pixel_size"].attrs["units"] == "angstrom"
+        assert d["shift_x"].attrs["units"] == "angstrom" and d["coord_x"].attrs["units"] == "pixel"
+        assert d["angle_rot"].attrs["units"] == "degree" and d["voltage"].attrs["units"] == "kV"
