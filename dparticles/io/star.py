@@ -613,7 +613,8 @@ def _fast_columns(df: pd.DataFrame, labels: list[str]) -> list | None:
     """What each column needs to be formatted a block of rows at a time, or None when the table
     needs the csv path (pyarrow missing, or text that must be quoted)."""
     try:
-        import pyarrow  # noqa: F401
+        import pyarrow as pa
+        import pyarrow.csv  # noqa: F401
     except ImportError:
         return None
     out = []
@@ -623,13 +624,12 @@ def _fast_columns(df: pd.DataFrame, labels: list[str]) -> list | None:
             text = _text_table(s)
             if text is None or _needs_quotes(text[1], allow_empty=True):
                 return None
-            out.append(("numbered", df[c + NUMBER].to_numpy(), *text))
+            out.append(("numbered", df[c + NUMBER].to_numpy(), text[0], pa.array(text[1], type=pa.string())))
         elif _is_text(s):
             text = _text_table(s)
             if text is None or _needs_quotes(text[1]):
                 return None
-            else:
-                out.append(("text", *text))
+            out.append(("text", text[0], pa.array(text[1], type=pa.string())))
         elif s.dtype == np.float64:
             out.append(("float", s.to_numpy()))
         elif s.dtype.kind in "iu" and isinstance(s.dtype, np.dtype):
@@ -655,22 +655,20 @@ def _needs_quotes(values: list[str], allow_empty: bool = False) -> bool:
     return any((v == "" and not allow_empty) or re.search(r"\s", v) for v in values)
 
 
-def _format_rows(columns: list, a: int, b: int) -> memoryview:
-    """Rows ``[a, b)`` as text, one line per row."""
+def _format_rows(columns: list, a: int, b: int) -> bytes:
+    """Rows ``[a, b)`` as text, one line per row: each column's cells made here, the lines by
+    pyarrow's CSV writer (no quoting; missing values as empty fields)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
 
-    cells = [_format(col, a, b) for col in columns]
-    cells[-1] = pc.binary_join_element_wise(cells[-1], "", "\n")
-    lines = pc.binary_join_element_wise(*cells, " ") if len(cells) > 1 else cells[0]
-    lines = lines.combine_chunks() if isinstance(lines, pa.ChunkedArray) else lines
-    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32 if lines.type == pa.string() else np.int64,
-                            count=len(lines) + 1, offset=lines.offset * (4 if lines.type == pa.string() else 8))
-    return memoryview(lines.buffers()[2])[offsets[0]:offsets[-1]]
+    table = pa.table({str(k): _format(col, a, b) for k, col in enumerate(columns)})
+    out = io.BytesIO()
+    pcsv.write_csv(table, out, pcsv.WriteOptions(include_header=False, delimiter=" ", quoting_style="none"))
+    return out.getvalue()
 
 
 def _format(col: tuple, a: int, b: int):
-    """One column's cells of rows ``[a, b)`` as a pyarrow string array, as ``to_csv`` writes them."""
+    """One column's cells of rows ``[a, b)`` as a pyarrow array whose text is what ``to_csv`` writes."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -678,23 +676,22 @@ def _format(col: tuple, a: int, b: int):
     if kind == "float":
         return _format_floats(col[1][a:b])
     if kind == "int":
-        return pc.cast(pa.array(col[1][a:b]), pa.string())
+        return pa.array(col[1][a:b])
     if kind == "text":
-        return _take_text(col[1][a:b], col[2])
+        return _dictionary(col[1][a:b], col[2])
     if kind == "numbered":
         number = pc.utf8_lpad(pc.cast(pa.array(col[1][a:b]), pa.string()), 6, "0")
-        return pc.binary_join_element_wise(number, _take_text(col[2][a:b], col[3]), "@")
+        return pc.binary_join_element_wise(number, _dictionary(col[2][a:b], col[3]).cast(pa.string()), "@")
     text = col[1].iloc[a:b].to_frame().to_csv(sep=" ", header=False, index=False, lineterminator="\n",
                                                quoting=csv.QUOTE_NONE, quotechar="\x07")
     return pa.array(text.split("\n")[:-1], type=pa.string())
 
 
-def _take_text(codes: np.ndarray, values: list[str]):
+def _dictionary(codes: np.ndarray, values):
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    table = pa.array(values + [""], type=pa.string())
-    return pc.take(table, pa.array(np.where(codes < 0, len(values), codes).astype(np.int64)))
+    missing = codes < 0
+    return pa.DictionaryArray.from_arrays(pa.array(codes, mask=missing if missing.any() else None), values)
 
 
 def _format_floats(x: np.ndarray):
@@ -705,14 +702,19 @@ def _format_floats(x: np.ndarray):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    text = pc.cast(pa.array(x, from_pandas=True), pa.string())
+    if len(x) > 1 and x.strides == (0,):  # one value for every row: format it once
+        return _dictionary(np.zeros(len(x), dtype=np.int8), pa.array(_format_floats(x[:1].copy()).to_pylist()))
     with np.errstate(invalid="ignore"):
-        finite = np.isfinite(x)
         magnitude = np.abs(x)
-        odd = finite & (x != 0) & ((magnitude < 1e-4) | (magnitude >= 1e10))  # repr's exponent range, or pyarrow's
-        whole = finite & ~odd & (x == np.trunc(x))
+        odd = ((magnitude >= 1e10) & (magnitude != np.inf)) | ((magnitude < 1e-4) & (magnitude != 0))
+        whole = (x == np.trunc(x)) & (magnitude < 1e10)  # repr's exponent range or pyarrow's are odd
+    if whole.all() and not np.signbit(x).any():  # integral values (picking coordinates often are)
+        return pc.binary_join_element_wise(pc.cast(pa.array(x.astype(np.int64)), pa.string()), ".0", "")
+    values = pa.array(x, from_pandas=True)
+    text = pc.cast(values, pa.string())
     if whole.any():
-        text = pc.if_else(pa.array(whole), pc.binary_join_element_wise(text, ".0", ""), text)
+        mask = pa.array(whole)
+        text = pc.replace_with_mask(text, mask, pc.binary_join_element_wise(pc.filter(text, mask), ".0", ""))
     if odd.any():
         text = pc.replace_with_mask(text, pa.array(odd), pa.array([repr(v) for v in x[odd].tolist()], type=pa.string()))
-    return pc.fill_null(text, "")
+    return pc.fill_null(text, "") if values.null_count else text
