@@ -30,6 +30,10 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-workers", type=int, help="workers of the local cluster")
     g.add_argument("--threads-per-worker", type=int, help="threads per local worker")
     g.add_argument("--memory-limit", help="memory limit per local worker, e.g. 4GB")
+    g.add_argument("--jobqueue", choices=("slurm", "pbs"),
+                   help="submit worker jobs with dask-jobqueue (profile: jobqueue.slurm / jobqueue.pbs in the "
+                        "dask config); pending jobs are reported with the batch system's reason")
+    g.add_argument("--jobs", type=int, help="worker jobs to keep with --jobqueue (default: dparticles.cluster.jobs)")
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
@@ -45,7 +49,7 @@ def _open_kwargs(a: argparse.Namespace) -> dict:
 
 def _cluster_kwargs(a: argparse.Namespace) -> dict:
     return {k: getattr(a, k) for k in ("scheduler", "scheduler_file", "n_workers", "threads_per_worker",
-                                       "memory_limit") if getattr(a, k, None) is not None}
+                                       "memory_limit", "jobqueue", "jobs") if getattr(a, k, None) is not None}
 
 
 def parser() -> argparse.ArgumentParser:
