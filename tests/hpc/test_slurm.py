@@ -69,7 +69,8 @@ def test_sbatch_restack_script_runs_the_real_command_in_an_allocation(local, tmp
     log = (tmp_path / f"job-{job}.log").read_text() if (tmp_path / f"job-{job}.log").exists() else ""
     assert "JobState=COMPLETED" in state, f"{state}\n{log}"
     assert "Connected to Dask scheduler tcp://127.0.0.1:" in log, log
-    assert "restack: 480 tasks in" in log and "on 2 workers" in log, log
+    # tasks are pieces of the data, not one per output file: count the files written instead
+    assert "wrote 2880 particles in 480 stacks" in log and "on 2 workers" in log, log
     assert_same_output(out, local["ref-restack"])
 
 
@@ -122,7 +123,7 @@ def test_scancel_of_a_worker_job_mid_downsample(local, slurm_cluster, slurm_clie
     print(f"scancel {victim_job} after {killer.done_before}/{n_files} batch files, "
           f"{'while its worker wrote a batch' if killer.during_write else 'while its worker ran a task'}; "
           f"{results[0].summary}")
-    assert results[0].summary.n_tasks == 115
+    assert results[0].n_particles == 6 * 170 * 9 // 10 and results[0].summary.n_tasks >= 1
     assert_same_output(out, local["ref-downsample"])
     assert not [p for p in out.rglob("*") if TMP_MARK in p.name]
     # adapt() submits a replacement job for the cancelled one
