@@ -63,6 +63,7 @@ def slurm_cluster(slurm_available, tmp_path_factory) -> Iterator[object]:
         interface="lo", scheduler_options={"dashboard_address": "127.0.0.1:0"},
         python=sys.executable, log_directory=str(tmp_path_factory.mktemp("slurm-logs")),
         local_directory=str(tmp_path_factory.mktemp("dask-scratch")),
+        job_extra_directives=[f"--chdir={tmp_path_factory.mktemp('slurm-job-cwd')}"],   # the jobs' own folder
     )
     cluster.adapt(minimum_jobs=N_JOBS, maximum_jobs=N_JOBS)
     try:

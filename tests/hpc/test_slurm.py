@@ -1,6 +1,7 @@
 """Real dparticles jobs on SLURM: the `dparticles restack` command inside an allocation made by
-deploy/sbatch-restack.sh, restack and downsample on dask-jobqueue SLURMCluster worker jobs, and a
-worker job cancelled (pre-empted) mid-job. Each output is compared byte for byte with the same job
+deploy/sbatch-restack.sh, restack and downsample on dask-jobqueue SLURMCluster worker jobs (also as
+commands run from a project directory with relative paths), and a worker job cancelled (pre-empted)
+mid-job. Each output is compared byte for byte with the same job
 run on an embedded local cluster."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from jobdata import TMP_MARK, Killer, assert_same_output, shuffled_set
+from test_remote import assert_same_relative, command, reference_project, run_cli
 
 import dparticles
 
@@ -89,6 +91,22 @@ def test_jobs_on_slurm_worker_jobs_write_what_a_local_run_writes(job, local, slu
     assert any(f"Connected to Dask scheduler {slurm_client.scheduler.address}" in m for m in log), log
     assert result.summary.n_workers == n_jobs and result.summary.peak_worker_memory_bytes > 10**7
     assert_same_output(out, local[f"ref-{job}"])
+
+
+@pytest.mark.parametrize("job", ["restack", "downsample"])
+def test_relative_paths_from_a_project_directory_on_slurm_worker_jobs(job, slurm_client, n_jobs, tmp_path_factory):
+    """`cd project && dparticles JOB ... --out out-slurm/JOB --zarr ... --data-dir raw/... --scheduler ADDR`
+    while the worker jobs run in a folder of their own: the outputs land in the project, as an embedded
+    run's (tests/test_remote.py), and nothing in the jobs' folder."""
+    project = reference_project(tmp_path_factory)
+    cwds = set(slurm_client.run(os.getcwd).values())
+    assert len(cwds) == 1 and str(project) not in cwds and not any(os.listdir(c) for c in cwds), cwds
+    out = f"out-slurm/{job}"
+    run = run_cli(project, [*command(job, out), "--scheduler", slurm_client.scheduler.address])
+    assert f"Connected to Dask scheduler {slurm_client.scheduler.address}" in run.stderr, run.stderr
+    assert f"on {n_jobs} workers" in run.stderr, run.stderr
+    assert_same_relative(project, out, f"ref/{job}")
+    assert not any(os.listdir(c) for c in cwds), cwds
 
 
 def test_scancel_of_a_worker_job_mid_downsample(local, slurm_cluster, slurm_client, n_jobs, tmp_path):
