@@ -1,0 +1,176 @@
+"""dparticles submitting its own worker jobs (``--jobqueue slurm --jobs N``).
+
+On the one-node SLURM cluster (tests marked ``slurm``): jobs that can never start are reported
+pending with SLURM's reason and given up in one line, their jobs cancelled; a request SLURM refuses
+fails at once in one line; a request that fits runs a restack from a project directory with relative
+paths, as an embedded cluster does. This file runs before test_slurm.py, whose worker jobs hold every
+CPU of the node. The rest (argument checks, queue output parsing) needs no SLURM.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from test_remote import assert_same_relative, command, reference_project
+
+from dparticles import cluster as cluster_module
+from dparticles.cluster import cluster_client
+from dparticles.errors import ParticleError
+
+
+def squeue_jobs(name: str) -> list[str]:
+    """``JOBID STATE`` of every job named ``name`` that ``squeue`` lists."""
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def wait_until_gone(name: str, timeout: float = 30) -> list[str]:
+    """Poll ``squeue`` until no job named ``name`` is listed (a cancelled job passes through
+    COMPLETING); what is still listed then."""
+    deadline = time.monotonic() + timeout
+    while (left := squeue_jobs(name)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def jobqueue_env(tmp_path, name: str, **profile: str) -> dict[str, str]:
+    """Environment for a ``dparticles`` command: the jobqueue.slurm profile (partition debug, loopback,
+    job name ``name``, logs and scratch in tmp, this Python) updated with ``profile``, and a pending
+    report every second."""
+    settings = {"queue": "debug", "interface": "lo", "walltime": "00:10:00", "name": name,
+                "log-directory": str(tmp_path / "logs"), "local-directory": str(tmp_path / "scratch"),
+                "python": sys.executable, **profile}
+    env = {f"DASK_JOBQUEUE__SLURM__{k.upper().replace('-', '_')}": v for k, v in settings.items()}
+    return dict(os.environ, PYTHONWARNINGS="ignore", DASK_DPARTICLES__CLUSTER__PENDING_REPORT="1s", **env)
+
+
+def dparticles(project, args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``python -m dparticles.cli ARGS`` in ``project``; the result and the seconds it took."""
+    t0 = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "dparticles.cli", *args], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=240)
+    return run, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def project(slurm_available, tmp_path_factory):
+    return reference_project(tmp_path_factory)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_jobs_that_cannot_start_are_reported_pending_then_given_up_in_one_line(project, tmp_path):
+    """4 cores per job on a node with fewer: SLURM keeps the jobs pending (PartitionConfig) for ever.
+    The command says so within the report interval, stops after start-timeout with one line, and
+    leaves no job in the queue."""
+    name = "dp-too-many-cores"
+    env = jobqueue_env(tmp_path, name, cores="4", memory="2GB")
+    env["DASK_DPARTICLES__CLUSTER__START_TIMEOUT"] = "4s"
+    run, seconds = dparticles(project, [*command("restack", "out-too-big/restack"), "--jobqueue", "slurm",
+                                        "--jobs", "2"], env)
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.splitlines()
+    reports = [line for line in lines if line.startswith("Waiting for Dask workers")]
+    assert reports and reports[0].startswith("Waiting for Dask workers after 1 s: 2 jobs pending (PartitionConfig: "
+                                             "each asks for 4 cores, 2 GB, walltime 00:10:00, more than"), run.stderr
+    assert not [line for line in lines if "Traceback" in line or "Error" in line], run.stderr
+    assert [line for line in lines if "error" in line] == [lines[-1]], run.stderr    # one line, the last
+    assert lines[-1].startswith("dparticles restack: error: no worker job started within 4 s: 2 jobs pending "
+                                "(PartitionConfig: each asks for 4 cores, 2 GB"), lines[-1]
+    assert lines[-1].endswith("; the jobs were cancelled"), lines[-1]
+    assert seconds < 40, seconds
+    assert wait_until_gone(name) == []
+    print(f"{seconds:.1f} s: {lines[-1]}")
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+def test_a_request_slurm_refuses_fails_at_once_in_one_line(slurm_available, tmp_path):
+    """More memory than the node has: sbatch refuses the job outright; that is the error, at once."""
+    name = "dp-too-much-memory"
+    log: list[str] = []
+    t0 = time.monotonic()
+    with pytest.raises(ParticleError) as err:
+        with cluster_client(jobqueue="slurm", jobs=2, cores=1, memory="100TB", queue="debug", interface="lo",
+                            job_name=name, log_directory=str(tmp_path / "logs"), python=sys.executable,
+                            log=log.append):
+            pass
+    seconds = time.monotonic() - t0
+    message = str(err.value)
+    assert "\n" not in message and seconds < 20, (seconds, message)
+    assert message.startswith("could not submit the SLURM worker jobs (1 core, 100000 GB, walltime"), message
+    assert "sbatch: error: Memory specification can not be satisfied" in message, message
+    assert squeue_jobs(name) == []
+    print(f"{seconds:.1f} s: {message}")
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_a_fitting_request_starts_and_runs_a_restack_with_relative_paths(project, tmp_path):
+    """One 1-core job of ``memory-budget`` (the profile's default sizing): its worker connects and the
+    restack, run from the project directory with relative paths, writes what an embedded run writes;
+    the job is cancelled at the end."""
+    name = "dp-fits"
+    env = jobqueue_env(tmp_path, name)
+    for key in ("CORES", "MEMORY", "PROCESSES"):                 # unset: dparticles sizes the job
+        env.pop(f"DASK_JOBQUEUE__SLURM__{key}", None)
+    out = "out-jobqueue/restack"
+    run, seconds = dparticles(project, [*command("restack", out), "--jobqueue", "slurm", "--jobs", "1"], env)
+    assert run.returncode == 0, run.stderr
+    assert "Submitting 1 SLURM worker job (1 core, 2 GB, walltime 00:10:00 each)" in run.stderr, run.stderr
+    assert "Dask workers up: 1 of 1 connected" in run.stderr, run.stderr
+    assert "restack: 15 tasks in" in run.stderr and "on 1 worker" in run.stderr, run.stderr
+    assert_same_relative(project, out, "ref/restack")
+    assert wait_until_gone(name) == []
+    print(f"{seconds:.1f} s in all")
+
+
+# --- no SLURM needed ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"jobqueue": "lsf"}, "jobqueue must be one of slurm, pbs"),
+    ({"jobqueue": "slurm", "jobs": 0}, "jobs must be a whole number"),
+    ({"queue": "debug"}, "queue: unknown cluster keywords"),
+    ({"jobqueue": "slurm", "scheduler": "tcp://127.0.0.1:1"}, "not both"),
+])
+def test_bad_jobqueue_arguments_fail_before_anything_is_submitted(kwargs, match):
+    with pytest.raises(ParticleError, match=match):
+        with cluster_client(log=lambda m: None, **kwargs):
+            pass
+
+
+def test_bad_durations_in_the_config_are_named(monkeypatch):
+    import dask
+
+    with dask.config.set({"dparticles.cluster.start-timeout": "soon"}):
+        with pytest.raises(ParticleError, match="start-timeout must be a positive duration.*cluster.start-timeout"):
+            with cluster_client(jobqueue="slurm", log=lambda m: None):
+                pass
+
+
+def test_squeue_and_qstat_output_become_states_and_reasons():
+    assert cluster_module._parse_squeue("17 PENDING PartitionConfig\n18 RUNNING None\n") == {
+        "17": ("PENDING", "PartitionConfig"), "18": ("RUNNING", "None")}
+    qstat = ("Job Id: 4242.pbs01\n    Job_Name = dparticles-worker\n    job_state = Q\n"
+             "    comment = Not Running: Insufficient amount of resource: ncpus (R: 4 A: 1 T\n"
+             "\t: 1)\n    queue = workq\n\n"
+             "Job Id: 4243.pbs01\n    job_state = R\n")
+    states = cluster_module._parse_qstat(qstat)
+    assert states == {"4242": ("PENDING", "Not Running: Insufficient amount of resource: ncpus (R: 4 A: 1 T: 1)"),
+                      "4243": ("RUNNING", "None")}
+    text = cluster_module._describe_jobs("pbs", ["4242", "4243", "4244"], states, "4 cores")
+    assert text == ("1 job pending (Not Running: Insufficient amount of resource: ncpus (R: 4 A: 1 T: 1)), "
+                    "1 job running, no worker connected yet, 1 job no longer in the queue")
+    slurm = cluster_module._describe_jobs("slurm", ["1", "2"], {"1": ("PENDING", "Priority"),
+                                                                "2": ("PENDING", "QOSMaxJobsPerUserLimit")}, "x")
+    assert slurm == ("1 job pending (Priority: other jobs come first), 1 job pending (QOSMaxJobsPerUserLimit: "
+                     "a limit of your account or QOS; ask for fewer or smaller jobs)")
+    assert cluster_module._describe_jobs("slurm", ["1"], None, "x") == "1 job submitted (squeue not available here to say more)"
+    assert cluster_module._ended({"1": ("COMPLETED", "None")}, ["1", "2"])
+    assert not cluster_module._ended({"1": ("PENDING", "Resources")}, ["1", "2"])
+    assert not cluster_module._ended(None, ["1"])
