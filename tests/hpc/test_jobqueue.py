@@ -13,13 +13,16 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from test_remote import assert_same_relative, command, reference_project
+from test_remote import COMMANDS, assert_same_relative, command, reference_project
 
 from dparticles import cluster as cluster_module
 from dparticles.cluster import cluster_client
 from dparticles.errors import ParticleError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def squeue_jobs(name: str) -> list[str]:
@@ -110,6 +113,27 @@ def test_a_request_slurm_refuses_fails_at_once_in_one_line(slurm_available, tmp_
 
 
 @pytest.mark.slurm
+@pytest.mark.timeout(120)
+def test_jobs_that_end_before_a_worker_connects_fail_at_the_next_report(slurm_available, tmp_path):
+    """A job script that cannot start a worker (a broken prologue): the jobs leave the queue, and the
+    next report says so in one line, pointing at the jobs' output, instead of waiting for the timeout."""
+    import dask
+
+    log: list[str] = []
+    t0 = time.monotonic()
+    with dask.config.set({"dparticles.cluster.pending-report": "1s"}), pytest.raises(ParticleError) as err:
+        with cluster_client(jobqueue="slurm", jobs=2, queue="debug", interface="lo", job_name="dp-broken",
+                            job_script_prologue=["exit 3"], log_directory=str(tmp_path / "logs"),
+                            python=sys.executable, log=log.append):
+            pass
+    seconds = time.monotonic() - t0
+    message = str(err.value)    # "2 jobs no longer in the queue", or "completing" if squeue is quick
+    assert message.startswith("the SLURM worker jobs ended before a Dask worker connected: 2 jobs "), (message, log)
+    assert message.endswith(f"; see the jobs' output in {tmp_path / 'logs'}"), message
+    assert seconds < 30, seconds
+
+
+@pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_a_fitting_request_starts_and_runs_a_restack_with_relative_paths(project, tmp_path):
     """One 1-core job of ``memory-budget`` (the profile's default sizing): its worker connects and the
@@ -128,6 +152,39 @@ def test_a_fitting_request_starts_and_runs_a_restack_with_relative_paths(project
     assert_same_relative(project, out, "ref/restack")
     assert wait_until_gone(name) == []
     print(f"{seconds:.1f} s in all")
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_sbatch_script_in_jobqueue_mode_submits_worker_jobs_from_its_job(project, tmp_path):
+    """deploy/sbatch-restack.sh with MODE=jobqueue: a 1-core batch job runs `dparticles restack
+    --jobqueue slurm --jobs 1` (relative paths, submitted from the project directory), which submits
+    its worker job from inside the batch job and cancels it at the end."""
+    name = "dp-sbatch-jq"
+    bindir = Path(sys.executable).parent
+    env = dict(jobqueue_env(tmp_path, name), MODE="jobqueue", WORKER_JOBS="1", DASK_INTERFACE="lo",
+               DPARTICLES=str(bindir / "dparticles"), PATH=f"{bindir}:{os.environ['PATH']}")
+    out = "out-sbatch-jobqueue/restack"
+    t0 = time.monotonic()
+    sub = subprocess.run(["sbatch", "--parsable", "--ntasks=1", "--cpus-per-task=1", "--mem-per-cpu=1G",
+                          f"--output={tmp_path}/job-%j.log", str(REPO / "deploy" / "sbatch-restack.sh"),
+                          COMMANDS["restack"][1], out, *COMMANDS["restack"][2:], "--zarr", f"{out}.zarr"],
+                         cwd=project, env=env, capture_output=True, text=True)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    while squeue_jobs_by_id(job) and time.monotonic() - t0 < 180:
+        time.sleep(0.5)
+    log = (tmp_path / f"job-{job}.log").read_text()
+    assert "Submitting 1 SLURM worker job" in log and "Dask workers up: 1 of 1 connected" in log, log
+    assert "wrote 108 particles in 11 stacks" in log, log
+    assert_same_relative(project, out, "ref/restack")
+    assert wait_until_gone(name) == []
+    print(f"{time.monotonic() - t0:.1f} s in all")
+
+
+def squeue_jobs_by_id(job: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True, timeout=20)
+    return out.stdout.splitlines()
 
 
 # --- no SLURM needed ---------------------------------------------------------------------------
