@@ -151,7 +151,7 @@ def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks
     if "image_name" not in p:
         raise ParticleError("no image column (rlnImageName or blob/path); expected particle images, or "
                             "use --ignore-raw to import metadata only", path=path)
-    names, first, stack_ids = _distinct(p["image_name"])
+    names, first, stack_ids = _distinct(p["image_name"], path)
     paths = resolve_stacks(list(names), search_roots(path, data_dir), path, first)
     try:
         infos = read_infos(paths)
@@ -211,22 +211,27 @@ def _mixed_boxes(p: pd.DataFrame, stack_box: np.ndarray, stack_ids: np.ndarray, 
                         "stack holds one box size (select one optics group first)", path=path)
 
 
-def _distinct(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _distinct(values: pd.Series, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Like ``np.unique(..., return_index=True, return_inverse=True)`` for a text column: the
     distinct names sorted, the first row of each, and each row's name as an index into them (from
     the Categorical's codes: no string is hashed or compared per particle)."""
     cat = categorical(values.array if isinstance(values.dtype, pd.CategoricalDtype) else values.to_numpy(dtype=object))
-    codes = cat.codes.astype(np.int64)
-    used = np.bincount(codes, minlength=len(cat.categories)) > 0
+    codes, k = cat.codes, len(cat.categories)
+    if (codes < 0).any():
+        raise ParticleError("no image name (rlnImageName or blob/path is empty)", path=path,
+                            particle=int(np.flatnonzero(codes < 0)[0]) + 1)
     names = np.asarray(cat.categories, dtype=object)
+    first = np.searchsorted(np.maximum.accumulate(codes), np.arange(k))  # codes numbered in order of appearance
+    used = first < len(codes)
+    if not (codes[first[used]] == np.arange(k)[used]).all():  # they are not: the first row of each the long way
+        first = np.full(k, len(codes), dtype=np.int64)
+        np.minimum.at(first, codes, np.arange(len(codes), dtype=np.int64))
+        used = first < len(codes)
     order = np.argsort(names.astype(str), kind="stable")
     order = order[used[order]]
-    rank = np.full(len(names), -1, dtype=np.int64)
+    rank = np.full(k, -1, dtype=np.int64)
     rank[order] = np.arange(len(order))
-    ids = rank[codes]
-    first = np.full(len(order), len(codes), dtype=np.int64)
-    np.minimum.at(first, ids, np.arange(len(codes), dtype=np.int64))
-    return names[order].astype(str), first, ids
+    return names[order].astype(str), first[order].astype(np.int64), rank[codes]
 
 
 def _coords(p: pd.DataFrame) -> dict:
