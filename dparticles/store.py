@@ -31,8 +31,9 @@ from dparticles.errors import ParticleError
 from dparticles.output import prepare_output, refuse_inputs, remove_temporaries, write_metadata
 from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
 from dparticles.io.mrc import HEADER_BYTES, stack_header
-from dparticles.writer import (RECORDS, copy_segments, finish_file, record_path, verify_copy, verify_record,
-                               write_segments)
+from dparticles.writer import (RECORDS, copy_segments, finish_file, read_record, record_path, verify_copy,
+                               verify_record, write_segments)
+from dparticles.io.files import is_regular
 
 MRC_MODES = {"int8", "int16", "uint16", "float16", "float32"}
 MIN_PIECES = 8  # copies are cut into at least this many pieces, so that every worker of a small cluster works
@@ -333,19 +334,13 @@ def _piece_copies(plan: _Plan, segs: list[tuple]) -> tuple[tuple, list[tuple]]:
 def _keep_verified(plans: list[_Plan], client) -> None:
     """Find the files an earlier run of the same data completed, check them on the cluster, and mark
     those that pass as kept; remove the rest, so that they are written anew."""
-    import json
-
     checks = []
     for plan in plans:
         segments = np.union1d(plan.pieces, plan.files)
         for k, name in enumerate(plan.names):
             final = plan.final(k)
-            try:
-                with open(record_path(final)) as f:
-                    record = json.load(f)
-            except (OSError, ValueError):
-                record = None
-            if record is None or record.get("token") != plan.token or not os.path.isfile(final):
+            record = read_record(record_path(final))  # None for anything but a regular file of JSON
+            if record is None or record.get("token") != plan.token or not is_regular(final):
                 for stale in (final, record_path(final)):
                     if os.path.lexists(stale):
                         os.unlink(stale)

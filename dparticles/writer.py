@@ -18,12 +18,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from dparticles.errors import ParticleError
-from dparticles.io.files import TMP_MARK
+from dparticles.io.files import TMP_MARK, open_regular, read_small
 from dparticles.io.mrc import HEADER_BYTES, stack_header
 
 FLOAT16_MAX = 65504.0
 VERIFY_BYTES = 16 * 2**20  # bytes compared at a time when checking a kept file
-_OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # no link followed, no FIFO waited on
 
 
 def tmp_path(final: str, nonce: str) -> str:
@@ -174,11 +174,22 @@ def write_record(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_record(path: str) -> dict | None:
+    """The record at ``path``, or None if there is none, or it is not a regular file (a link, a FIFO:
+    never followed or opened) holding a JSON object."""
+    data = read_small(path)
+    try:
+        record = json.loads(data) if data is not None else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def verify_record(final: str, header: bytes, record: dict) -> bool:
     """Whether ``final`` still holds exactly the bytes its record describes: this ``header``, the
     size, and each piece's CRC."""
     try:
-        with open(final, "rb") as f:
+        with open(open_regular(final), "rb") as f:
             if os.fstat(f.fileno()).st_size != record["size"] or os.pread(f.fileno(), HEADER_BYTES, 0) != header:
                 return False
             for offset, length, crc in record["pieces"]:
@@ -194,7 +205,7 @@ def verify_copy(final: str, header: bytes, paths: Sequence[str], codes: np.ndarr
     """Whether ``final`` has this ``header`` and its images are byte for byte the source ranges they
     were copied from."""
     try:
-        with open(final, "rb") as out:
+        with open(open_regular(final), "rb") as out:
             if os.pread(out.fileno(), HEADER_BYTES, 0) != header:
                 return False
             pos = HEADER_BYTES
