@@ -29,6 +29,7 @@ from dparticles import config, layout
 from dparticles.cluster import RunSummary, cluster_client, watch
 from dparticles.errors import ParticleError
 from dparticles.output import prepare_output, refuse_inputs, remove_temporaries, write_metadata
+from dparticles.output import hold_outputs
 from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
 from dparticles.io.mrc import HEADER_BYTES, stack_header
 from dparticles.writer import (RECORDS, copy_segments, finish_file, read_record, record_path, verify_copy,
@@ -88,6 +89,7 @@ class _Plan:
         return stack_header(n, box, np.dtype(dtype), pixel_size, "dparticles")
 
 
+@hold_outputs
 def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list | None, *,
               batch_size: int | None = None, float16: bool = False, zarr: str | os.PathLike | list | None = None,
               overwrite: bool = False, cluster: dict | None = None, label: str = "write",

@@ -4,19 +4,12 @@ following links or hanging on a FIFO (no heavy imports: batch tasks on workers u
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import tempfile
 from pathlib import Path
 
 TMP_MARK = ".dparticles-tmp"
 _NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-
-
-def tmp_name(path: Path) -> Path:
-    """The temporary name a file is written under before it is renamed into place: unique per host
-    and process, so workers on different nodes of a shared file system never share one."""
-    return path.with_name(f"{path.name}{TMP_MARK}-{socket.gethostname()}-{os.getpid()}")
 
 
 def private_dir(path: Path) -> Path:

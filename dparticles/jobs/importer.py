@@ -15,7 +15,7 @@ from dask.base import tokenize
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 from dparticles.io.star import read_star
-from dparticles.output import prepare_output, write_metadata
+from dparticles.output import hold_outputs, prepare_output, write_metadata
 
 EXPOSURE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".eer", ".mrc.bz2")
 
@@ -35,6 +35,7 @@ class ImportResult:
         return text
 
 
+@hold_outputs
 def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, exposures: str | None = None,
                      trim_prefix: str = "", trim_suffix: str = "", keep_unmatched: bool = False,
                      overwrite: bool = False, **open_options) -> ImportResult:
