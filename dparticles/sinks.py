@@ -8,7 +8,10 @@ particle images (``benchmarks/zarr_codec.py``): particle images are mostly noise
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,33 +21,49 @@ import zarr
 
 from dparticles import config
 from dparticles.errors import ParticleError
-from dparticles.io.files import TMP_MARK
-from dparticles.output import refuse_inputs
+from dparticles.io.files import TMP_MARK, private_dir
+from dparticles.output import at_job_end, is_zarr_cache, lock_is_held, refuse_inputs
 
 MAX_CHUNK_BYTES = 64 * 2**20  # a batch larger than this is stored as several chunks
 
 
 def check_zarr_target(path: Path, ds: xr.Dataset, *, overwrite: bool) -> None:
-    """Refuse a cache path that is or holds an input of ``ds``, that exists without ``overwrite``, or
-    that is something other than a zarr cache (which ``overwrite`` would delete)."""
-    path = Path(path)
+    """Refuse a cache path that is or holds an input of ``ds``, that exists without ``overwrite``, that
+    is something other than a dparticles zarr cache (which ``overwrite`` would replace), a link to
+    nothing, or in a folder this account cannot write. A link to a cache is followed: its target is
+    replaced, the link kept."""
+    path = Path(path).absolute()
+    if path.is_symlink() and not path.exists():
+        raise ParticleError(f"the zarr cache path is a symbolic link to {os.readlink(path)}, which does not "
+                            "exist; give an existing cache or a new path", path=path)
     refuse_inputs(path, ds, "--zarr")
-    if path.exists() and not overwrite:
+    target = Path(os.path.realpath(path))
+    if target.exists() and not overwrite:
         raise ParticleError("zarr cache exists; use --overwrite to replace it", path=path)
-    if path.exists() and not any((path / m).is_file() for m in ("zarr.json", ".zgroup")):
+    if target.exists() and not is_zarr_cache(target):
         raise ParticleError("exists and is not a zarr cache; --overwrite replaces only a zarr cache, choose "
                             "another --zarr", path=path)
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ParticleError(f"cannot write in {parent} (permission denied); choose another --zarr", path=path)
 
 
 @dataclass
 class ZarrJob:
-    """A zarr cache being written: the lazy write to compute, and where it goes when complete."""
+    """A zarr cache being written: the lazy write to compute, and where it goes when complete.
+
+    ``tmp`` is the store being written, inside a private folder beside the target that holds the
+    lock of this run (so that another run never removes it while it is written)."""
 
     path: Path
     tmp: Path
     delayed: object
     n: int
     raw_bytes: int
+    target: Path | None = None  # where it goes: ``path`` with links resolved
+    lock: int | None = None  # the open, locked lock file of the private folder
 
     def note(self) -> str:
         stored = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
@@ -53,9 +72,12 @@ class ZarrJob:
 
 
 def prepare_zarr(ds: xr.Dataset, path: Path, batch_size: int | None = None) -> ZarrJob:
-    """Set up the zarr store of ``ds`` (images and metadata) under a temporary name; computing
-    ``job.delayed`` writes the images, :func:`finish_zarr` renames it into place."""
-    path = Path(path)
+    """Set up the zarr store of ``ds`` (images and metadata) in a private folder beside ``path``
+    (random name, this account only, locked for this run); computing ``job.delayed`` writes the
+    images, :func:`finish_zarr` renames it into place, :func:`discard_zarr` removes it. Private
+    folders that dead runs left beside ``path`` are removed first; those of live runs are left."""
+    path = Path(path).absolute()
+    target = Path(os.path.realpath(path))
     image_bytes = ds["images"].dtype.itemsize * ds.sizes["y"] * ds.sizes["x"]
     chunk = min(int(config.get("batch-size", batch_size)), max(1, MAX_CHUNK_BYTES // image_bytes))
     out = ds.drop_vars([v for v in ds.variables if "stack" in ds[v].dims or v in ("image_path", "stack_id")])
@@ -66,20 +88,68 @@ def prepare_zarr(ds: xr.Dataset, path: Path, batch_size: int | None = None) -> Z
     compressor = zarr.codecs.BloscCodec(cname=str(config.get("zarr.codec")), clevel=int(config.get("zarr.level")),
                                         shuffle=zarr.codecs.BloscShuffle.shuffle)
     encoding = {"images": {"compressors": [compressor], "chunks": (chunk, ds.sizes["y"], ds.sizes["x"])}}
-    tmp = path.with_name(f"{path.name}{TMP_MARK}")
-    shutil.rmtree(tmp, ignore_errors=True)
     out.attrs = {k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float, bool))}
-    delayed = out.to_zarr(tmp, mode="w", encoding=encoding, compute=False, consolidated=False)
-    return ZarrJob(path, tmp, delayed, ds.sizes["particle"], ds.sizes["particle"] * image_bytes)
+    _remove_dead(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        box = private_dir(target)
+    except OSError as exc:
+        raise ParticleError(f"could not write the zarr cache ({exc.strerror or exc})", path=path) from None
+    job = ZarrJob(path, box / target.name, None, ds.sizes["particle"], ds.sizes["particle"] * image_bytes, target)
+    at_job_end(lambda ok: discard_zarr(job))  # a write that did not complete leaves nothing behind
+    try:
+        job.lock = os.open(box / "lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fcntl.flock(job.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to the v3 format,
+            warnings.simplefilter("ignore")  # which plain xr.open_zarr reads without a warning
+            job.delayed = out.to_zarr(job.tmp, mode="w-", encoding=encoding, compute=False, consolidated=True)
+    except OSError as exc:
+        discard_zarr(job)
+        raise ParticleError(f"could not write the zarr cache ({exc.strerror or exc})", path=path) from None
+    except BaseException:
+        discard_zarr(job)
+        raise
+    return job
+
+
+def _remove_dead(target: Path) -> None:
+    """Remove the private folders of runs that died while writing a cache at ``target``."""
+    prefix = f".{target.name}{TMP_MARK}-"
+    try:
+        entries = [e for e in os.scandir(target.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for e in entries:
+        if e.is_dir(follow_symlinks=False) and os.path.lexists(os.path.join(e.path, "lock")) \
+                and not lock_is_held(Path(e.path) / "lock"):
+            shutil.rmtree(e.path, ignore_errors=True)
 
 
 def finish_zarr(job: ZarrJob) -> None:
-    """Put a completely written cache in place of any earlier one."""
-    if job.path.exists():
-        shutil.rmtree(job.path)
-    job.tmp.rename(job.path)
+    """Put a completely written cache in place of any earlier one (moved aside into the private
+    folder first, so the place is never empty of a complete cache for longer than two renames;
+    a link there is replaced, never followed), then remove the private folder."""
+    target, box = job.target or job.path, job.tmp.parent
+    try:
+        if os.path.lexists(target):
+            os.rename(target, box / "replaced")
+        try:
+            os.rename(job.tmp, target)
+        except OSError:
+            if os.path.lexists(box / "replaced"):
+                os.rename(box / "replaced", target)
+            raise
+    except OSError as exc:
+        raise ParticleError(f"could not put the zarr cache in place ({exc.strerror or exc}); nothing was "
+                            "changed, rerun to write it again", path=job.path) from None
+    finally:
+        discard_zarr(job)
 
 
 def discard_zarr(job: ZarrJob) -> None:
-    """Remove the temporary store of a write that did not complete."""
-    shutil.rmtree(job.tmp, ignore_errors=True)
+    """Remove the private folder of a write (the store if it did not complete, and the cache it
+    replaced if it did), and give up its lock. Doing it twice does nothing more."""
+    if job.lock is not None:
+        os.close(job.lock)
+        job.lock = None
+    shutil.rmtree(job.tmp.parent, ignore_errors=True)
