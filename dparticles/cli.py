@@ -112,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParticleError as exc:
         print(f"dparticles {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file system error no step turned into a message (full disk, permissions)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"dparticles {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"dparticles {args.command}: interrupted; rerun the same command to finish", file=sys.stderr)
         return 130
