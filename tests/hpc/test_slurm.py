@@ -61,10 +61,12 @@ def test_sbatch_restack_script_runs_the_real_command_in_an_allocation(local, tmp
     env = dict(os.environ, DPARTICLES=str(command), DASK_INTERFACE="lo", PATH=f"{bindir}:{os.environ['PATH']}",
                TMPDIR=str(tmp_path), PYTHONWARNINGS="ignore")
     out = tmp_path / "out"
+    submit = tmp_path / "submit"     # the job's project directory: out lies outside it, as the reference's does
+    submit.mkdir()
     sub = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--mem-per-cpu=1G",
                           f"--output={tmp_path}/job-%j.log", str(REPO / "deploy" / "sbatch-restack.sh"),
                           str(local["small"]), str(out), "--batch-size", str(RESTACK["batch_size"])],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+                         cwd=submit, env=env, capture_output=True, text=True)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
     state = wait_for_job(job)
@@ -126,7 +128,10 @@ def test_scancel_of_a_worker_job_mid_downsample(local, slurm_cluster, slurm_clie
 
     out = tmp_path / "out"
     dirs, n_files = [out / "box128", out / "box64"], 2 * 115
-    killer = Killer(dirs, victim_pid, n_files, busy=busy, min_done=n_files // 10,
+    # temporary names carry the run's nonce, not the writer's pid: the kill comes while the victim is
+    # busy once a tenth of the files are done (Killer's n_files // 3 threshold set to that tenth)
+    min_done = n_files // 10
+    killer = Killer(dirs, victim_pid, 3 * min_done, busy=busy, min_done=min_done,
                     kill=lambda: subprocess.run(["scancel", victim_job], capture_output=True, text=True))
     killer.start()
     log: list[str] = []
