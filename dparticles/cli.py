@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
+from dparticles import __version__
 from dparticles.errors import ParticleError
 
+log = logging.getLogger("dparticles")
 
-def _open_options(p: argparse.ArgumentParser, pixel_size: bool = True) -> None:
+EXAMPLES = {
+    "import": """examples:
+  dparticles import Extract/job007/particles.star --out Import/job010
+  dparticles import P3/J42/particles.cs --out Import/job011 --pixel-size 1.06 --voltage 300 --cs 2.7
+  dparticles import particles.star --out Import/job012 --exposures CtfFind/job004/micrographs_ctf.star""",
+    "info": """examples:
+  dparticles info Select/job010/particles.star
+  dparticles info Restack/job020 --json""",
+    "restack": """examples:
+  dparticles restack Select/job010/particles.star --out Restack/job020 --batch-size 10000
+  dparticles restack Select/job010/particles.star --out Restack/job021 --float16    # MRC mode 12
+  dparticles restack Select/job010/particles.star --zarr cache.zarr --scheduler-file scheduler.json""",
+    "downsample": """examples:
+  dparticles downsample Restack/job020 --out Downsample/job030 --fourier-box 128
+  dparticles downsample Restack/job020 --out Downsample/job031 --approx-pixel-size 2.1 4.2   # one folder each
+  dparticles downsample Restack/job020 --out Downsample/job032 --fourier-box 160 --lowpass 8 --recenter""",
+}
+
+
+def _open_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reading the input")
     g.add_argument("--data-dir", help="folder holding the stacks, tried before the metadata's folder and its ancestors")
-    flag = "--pixel-size" if pixel_size else "--input-pixel-size"
-    g.add_argument(flag, dest="pixel_size", type=float, help="override the input pixel size (Å)")
+    g.add_argument("--pixel-size", type=float, help="override the input pixel size (Å)")
     g.add_argument("--voltage", type=float, help="override the accelerating voltage (kV)")
     g.add_argument("--cs", type=float, help="override the spherical aberration (mm)")
     g.add_argument("--amp-contrast", type=float, help="override the amplitude contrast")
@@ -37,7 +60,11 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--float16", action="store_true", help="write MRC mode 12 (range checked, error reported)")
+    p.add_argument("--project-dir", help="the project directory that RELION or CryoSPARC run in: stacks are named "
+                                         "relative to it in the metadata (default: the current directory)")
+    p.add_argument("--float16", action="store_true",
+                   help="write MRC mode 12 (half the size; range checked, rounding error reported). RELION 4.0+, "
+                        "CryoSPARC, IMOD and mrcfile read it; RELION 3.1 does not")
     p.add_argument("--zarr", help="also (or, for restack without --out, only) write a zarr cache here")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -53,10 +80,19 @@ def _cluster_kwargs(a: argparse.Namespace) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="dparticles", description="Lazy, chunked cryo-EM particle stacks on Dask.")
+    top = argparse.ArgumentParser(prog="dparticles", description="Lazy, chunked cryo-EM particle stacks on Dask: "
+                                  "import, restack and downsample RELION and CryoSPARC particles.")
+    top.add_argument("--version", action="version", version=f"dparticles {__version__}")
+    verbosity = top.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print only results, warnings and errors")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="also print details (debug messages)")
     sub = top.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("import", help="link stacks and write particles.star/.cs (Import Particle Stack)")
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, epilog=EXAMPLES.get(name), formatter_class=argparse.RawDescriptionHelpFormatter,
+                              **kw)
+
+    p = add("import", help="link stacks and write particles.star/.cs (Import Particle Stack)")
     p.add_argument("input", help="RELION .star or CryoSPARC .cs")
     p.add_argument("--out", required=True, help="output folder")
     _open_options(p)
@@ -67,13 +103,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-unmatched", action="store_true", help="keep particles that match no exposure")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    p = sub.add_parser("info", help="what a particle set holds: counts, bytes, box, optics, metadata")
+    p = add("info", help="what a particle set holds: counts, bytes, box, optics, metadata")
     p.add_argument("input")
     _open_options(p)
     p.add_argument("--ignore-raw", action="store_true", help="metadata only")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("restack", help="write the particles in use into new stacks of N (Restack Particles)")
+    p = add("restack", help="write the particles in use into new stacks of N (Restack Particles)")
     p.add_argument("input", help="RELION .star, CryoSPARC .cs, an earlier output folder or a zarr cache")
     p.add_argument("--out", help="output folder (stacks/ and particles.star)")
     p.add_argument("--batch-size", type=int, help="particles per output stack (default: dparticles.batch-size)")
@@ -81,14 +117,14 @@ def parser() -> argparse.ArgumentParser:
     _open_options(p)
     _cluster_options(p)
 
-    p = sub.add_parser("downsample", help="crop, Fourier crop, lowpass, recentre (Downsample Particles)")
+    p = add("downsample", help="crop, Fourier crop, lowpass, recentre (Downsample Particles)")
     p.add_argument("input", help="RELION .star, CryoSPARC .cs, an earlier output folder or a zarr cache")
     p.add_argument("--out", required=True, help="output folder (one sub-folder boxN per size when several)")
     p.add_argument("--crop-box", type=int, help="real-space crop or pad (with each image's mean) to this box first")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--fourier-box", type=int, nargs="+", help="Fourier crop to this box (several: one output each)")
-    size.add_argument("--pixel-size", dest="target_pixel_size", type=float, nargs="+",
-                      help="Fourier crop to the even box nearest this pixel size (Å); several allowed")
+    size.add_argument("--approx-pixel-size", type=float, nargs="+",
+                      help="desired approx. pixel size (Å): Fourier crop to the even box nearest it; several allowed")
     p.add_argument("--lowpass", type=float, help="lowpass corner resolution (Å); raised-cosine edge 2 shells wide")
     p.add_argument("--recenter", action="store_true", help="shift each particle by its aligned shift (3D, else 2D)")
     p.add_argument("--micrograph-pixel-size", type=float,
@@ -96,17 +132,27 @@ def parser() -> argparse.ArgumentParser:
                         "when the metadata does not give it (particles extracted with rescaling)")
     p.add_argument("--batch-size", type=int, help="particles per output stack (default: dparticles.batch-size)")
     _output_options(p)
-    _open_options(p, pixel_size=False)
+    _open_options(p)
     _cluster_options(p)
 
-    p = sub.add_parser("demo", help="make a small demo particle set and run the jobs on a local cluster")
+    p = add("demo", help="make a small demo particle set and run the jobs on a local cluster")
     p.add_argument("--out", default="dparticles-demo", help="folder for the demo data and results")
     _cluster_options(p)
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    if extra:  # say it with the subcommand's usage, not the top level's
+        sub = next(a for a in top._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    handler = logging.StreamHandler(sys.stderr)  # our own messages only: dask's loggers keep their settings
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    signal.signal(signal.SIGTERM, _interrupt)  # a batch system's time limit: stop as on Ctrl-C
     try:
         return _run(args)
     except ParticleError as exc:
@@ -119,6 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dparticles {args.command}: interrupted; rerun the same command to finish", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``dparticles info ... | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -138,14 +191,16 @@ def _run(a: argparse.Namespace) -> int:
         if a.out is None and a.zarr is None:
             raise ParticleError("give --out (stacks), --zarr (cache), or both")
         print(restack(a.input, a.out, batch_size=a.batch_size, float16=a.float16, zarr=a.zarr,
-                      overwrite=a.overwrite, cluster=_cluster_kwargs(a), **_open_kwargs(a)))
+                      overwrite=a.overwrite, cluster=_cluster_kwargs(a), project_dir=a.project_dir, log=log.info,
+                      **_open_kwargs(a)))
     elif a.command == "downsample":
         from dparticles.jobs.downsample import downsample
         for result in downsample(a.input, a.out, crop_box=a.crop_box, fourier_box=a.fourier_box,
-                                 pixel_size=a.target_pixel_size, lowpass=a.lowpass, recenter=a.recenter,
+                                 approx_pixel_size=a.approx_pixel_size, lowpass=a.lowpass, recenter=a.recenter,
                                  micrograph_pixel_size=a.micrograph_pixel_size,
                                  float16=a.float16, batch_size=a.batch_size, zarr=a.zarr, overwrite=a.overwrite,
-                                 cluster=_cluster_kwargs(a), **_open_kwargs(a)):
+                                 cluster=_cluster_kwargs(a), project_dir=a.project_dir, log=log.info,
+                                 **_open_kwargs(a)):
             print(result)
     elif a.command == "demo":
         from dparticles.demo import run_demo

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +28,15 @@ import xarray as xr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from dparticles import config, layout
-from dparticles.cluster import RunSummary, cluster_client, watch
+from dparticles import __version__, config
+from dparticles.cluster import RunSummary, cluster_client, reset_worker_peaks, watch
 from dparticles.errors import ParticleError
 from dparticles.output import prepare_output, refuse_inputs, remove_temporaries, write_metadata
 from dparticles.output import hold_outputs
 from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
 from dparticles.io.mrc import HEADER_BYTES, stack_header
+from dparticles.planning import byte_runs, chunk_bounds
+from dparticles.record import REPORT_FILE, command_line, inputs, now, write_run_record
 from dparticles.writer import (RECORDS, copy_segments, finish_file, read_record, record_path, verify_copy,
                                verify_record, write_segments)
 from dparticles.io.files import is_regular
@@ -92,18 +97,22 @@ class _Plan:
 @hold_outputs
 def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list | None, *,
               batch_size: int | None = None, float16: bool = False, zarr: str | os.PathLike | list | None = None,
-              overwrite: bool = False, cluster: dict | None = None, label: str = "write",
-              log=print) -> StoreResult | list[StoreResult]:
+              overwrite: bool = False, cluster: dict | None = None, project_dir: str | os.PathLike | None = None,
+              label: str = "write", parameters: dict | None = None, log=print) -> StoreResult | list[StoreResult]:
     """Write ``ds`` as ``out/stacks/batch_NNNNNN.mrcs`` of ``batch_size`` particles plus
     ``out/particles.star`` (and ``particles.cs`` for CryoSPARC inputs) naming them.
 
     ``ds`` may be a list of Datasets with a list of folders (and of zarr paths): they are computed
     together, so reads and FFTs they share happen once. ``out`` None writes only the zarr cache.
     ``float16`` writes MRC mode 12 after a range check; otherwise float32 (or the stacks' own mode
-    for unchanged pixels). ``cluster`` holds :func:`dparticles.cluster.cluster_client` keywords.
+    for unchanged pixels). The metadata names each stack as RELION and CryoSPARC do: relative to
+    ``project_dir`` (default: the current directory), where those programs run, or by its absolute
+    path when the output lies outside it. ``cluster`` holds :func:`dparticles.cluster.cluster_client` keywords.
     An existing output is replaced only with ``overwrite``, unless it is an interrupted run of the
-    same data and arguments, which is resumed.
+    same data and arguments, which is resumed. Each folder gets a record of the run (``job.json``
+    with ``parameters`` and ``note.txt``) and the dask performance report (``report.html``).
     """
+    started, t0 = now(), time.monotonic()
     single = isinstance(ds, xr.Dataset)
     dss = [ds] if single else list(ds)
     # absolute before anything is sent: workers elsewhere do not run in this directory
@@ -111,6 +120,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
     zarrs = [None if z is None else Path(z).absolute() for z in _as_list(zarr, len(dss), "zarr")]
     if any(o is None and z is None for o, z in zip(outs, zarrs)):
         raise ParticleError("give an output folder, a zarr cache, or both")
+    project = Path(project_dir if project_dir is not None else os.getcwd()).absolute()
     batch_size = int(config.get("batch-size", batch_size))
     if batch_size < 1:
         raise ParticleError(f"batch size must be at least 1, got {batch_size}")
@@ -123,20 +133,32 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
     _prepare([p for p in plans if p is not None], overwrite, label)
     nonce = secrets.token_hex(8)
     summary = None
+    # the report is gathered in a private temporary folder, and copied into each output only when the
+    # run succeeded (a full output disk must not hide the run's own error behind the report's)
+    report = Path(tempfile.mkdtemp(prefix="dparticles-report-")) / REPORT_FILE \
+        if config.get("report") and any(o is not None for o in outs) else None
     try:
-        with cluster_client(**(cluster or {}), log=log) as client:
+        with cluster_client(**(cluster or {}), log=log) as client, \
+                _performance_report(report):
+            where = {"scheduler": client.scheduler.address, "workers": len(client.scheduler_info().get("workers", {})),
+                     "dashboard": client.dashboard_link}
             _keep_verified([p for p in plans if p is not None], client)
             graph, keys, nbytes = _graph([p for p in plans if p is not None], nonce)
             zarr_jobs = [prepare_zarr(d, z, batch_size) for d, z in zip(dss, zarrs) if z is not None]
+            reset_worker_peaks(client)
             futures = client.get(graph, keys, sync=False) if keys else []
             futures += [client.compute(job.delayed) for job in zarr_jobs]
-            results, summary = watch(client, futures, label=label, log=log, nbytes=nbytes)
+            results, summary = watch(client, futures, label=label, log=log, nbytes=nbytes, peaks_reset=True)
+        html = report.read_text() if report is not None and report.is_file() else None
     except ParticleError as exc:
         raise _located(exc, dss, plans) from None
     finally:
         for p in plans:
             if p is not None:
                 remove_temporaries(p.out / "stacks", nonce)
+                remove_temporaries(p.out / RECORDS, nonce)
+        if report is not None:
+            shutil.rmtree(report.parent, ignore_errors=True)
     for job in zarr_jobs:
         finish_zarr(job)
     by_key = dict(zip(keys, results))
@@ -150,10 +172,29 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         if p.dtype == "<f2":
             written = int(np.diff(p.files)[~p.kept].sum())  # the error is over the files written now
             notes.insert(0, float16_report(done, written * d.sizes["y"] * d.sizes["x"], int(p.kept.sum())))
-        write_metadata(p.out, d, *_positions(p), cs=d.attrs.get("format") == "cryosparc")
-        reports.append(StoreResult(p.out, d.sizes["particle"], len(p.names), int(p.kept.sum()), summary, notes,
-                                   copied=p.copy is not None))
+        write_metadata(p.out, d, *_positions(p, project), cs=d.attrs.get("format") == "cryosparc")
+        result = StoreResult(p.out, d.sizes["particle"], len(p.names), int(p.kept.sum()), summary, notes,
+                             copied=p.copy is not None)
+        reports.append(result)
+        write_run_record(p.out, {
+            "job": label, "command": command_line(), "version": __version__,
+            "parameters": dict(parameters or {}, batch_size=batch_size, float16=float16, project_dir=project,
+                               zarr=z),
+            "inputs": inputs(d), "started": started, "ended": now(),
+            "seconds": round(time.monotonic() - t0, 3), "particles": result.n_particles, "files": result.n_files,
+            "kept_files": result.kept_files, "pixels_copied_unchanged": result.copied, "box": d.sizes["x"],
+            "mode": p.dtype, "micrograph_pixel_size_from": d.attrs.get("micrograph_pixel_size_from"),
+            "notes": notes, "cluster": where, "summary": summary},
+            report=html)
     return reports[0] if single else reports
+
+
+def _performance_report(path: Path | None):
+    """dask's performance report of the run, written to ``path`` (nothing when None)."""
+    from contextlib import nullcontext
+
+    from distributed import performance_report
+    return nullcontext() if path is None else performance_report(filename=str(path))
 
 
 def _as_list(value, n: int, what: str) -> list:
@@ -193,14 +234,14 @@ def _plan(ds: xr.Dataset, out: Path, batch_size: int, float16: bool) -> _Plan:
     else:
         dtype = "<f4"
     n = ds.sizes["particle"]
-    files = layout.bounds(n, batch_size)
+    files = chunk_bounds(n, batch_size)
     names = [f"stacks/batch_{k:06d}.mrcs" for k in range(len(files) - 1)]
     pixel = ds["pixel_size"].values[files[:-1]]
     token = tokenize("to_stacks", images.name, dtype, batch_size, pixel, _sources_stamp(ds))
     image_bytes = ds.sizes["y"] * ds.sizes["x"] * np.dtype(dtype).itemsize
     if copy is not None:
-        pieces = layout.bounds(n, max(1, min(_piece_bytes() // image_bytes, -(-n // MIN_PIECES))))
-        runs = layout.byte_runs(ds["stack_id"].values, ds["image_index"].values, np.union1d(pieces, files),
+        pieces = chunk_bounds(n, max(1, min(_piece_bytes() // image_bytes, -(-n // MIN_PIECES))))
+        runs = byte_runs(ds["stack_id"].values, ds["image_index"].values, np.union1d(pieces, files),
                                 image_bytes, ds["stack_offset"].values)
         copy = (tuple(ds["stack_path"].values.astype(str)), *runs)
     else:
@@ -407,12 +448,19 @@ def _graph(plans: list[_Plan], nonce: str) -> tuple[HighLevelGraph, list, int]:
     return graph, keys, nbytes
 
 
-def _positions(plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
-    """Each particle's new stack (relative to the output folder) and 0-based index in it."""
+def _positions(plan: _Plan, project: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Each particle's new stack (see :func:`project_path`) and 0-based index in it."""
     sizes = np.diff(plan.files)
-    paths = np.repeat(np.array(plan.names, dtype=object), sizes)
+    names = [project_path(plan.out / name, project) for name in plan.names]
+    paths = np.repeat(np.array(names, dtype=object), sizes)
     indices = np.arange(int(plan.files[-1]), dtype=np.int64) - np.repeat(plan.files[:-1], sizes)
     return paths, indices
+
+
+def project_path(path: Path, project: Path) -> str:
+    """``path`` as RELION and CryoSPARC name files: relative to the project directory they run in,
+    or absolute when it lies outside (both absolute, links not resolved)."""
+    return os.path.relpath(path, project) if project == path or project in path.parents else str(path)
 
 
 def float16_report(done: list[dict], n_values: int, kept: int) -> str:

@@ -142,7 +142,7 @@ def finish_file(file: tuple, record: dict, results: list[dict[str, dict]]) -> di
             finally:
                 os.close(fd)
             crcs = [[p["offset"], p["bytes"], p["crc"]] for p in pieces if "crc" in p]
-            write_record(record_path(final), dict(record, pieces=crcs))
+            write_record(record_path(final), dict(record, pieces=crcs), nonce=file[1])
             os.replace(tmp, final)
         elif not os.path.isfile(final):
             raise ParticleError("the temporary file of this output vanished before it was complete; rerun to "
@@ -162,12 +162,12 @@ def record_path(final: str) -> str:
     return os.path.join(os.path.dirname(stacks), RECORDS, f"{name}.json")
 
 
-def write_record(path: str, record: dict) -> None:
-    """Write a small JSON record atomically (temporary name, sync, rename)."""
-    tmp = f"{path}{TMP_MARK}-{os.getpid()}-{os.urandom(4).hex()}"
+def write_record(path: str, record: dict, indent: int | None = None, nonce: str = "") -> None:
+    """Write a small JSON record atomically (temporary name carrying the run ``nonce``, sync, rename)."""
+    tmp = f"{path}{TMP_MARK}-{nonce or os.urandom(8).hex()}-{os.urandom(4).hex()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o666)
     try:
-        _pwrite_fd(fd, memoryview(json.dumps(record).encode()), 0)
+        _pwrite_fd(fd, memoryview(json.dumps(record, indent=indent).encode()), 0)
         os.fsync(fd)
     finally:
         os.close(fd)

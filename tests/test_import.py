@@ -183,8 +183,13 @@ def test_import_existing_output(particle_set, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not empty" in err and "--overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert main(["import", str(star), "--out", str(out), "--overwrite"]) == 1  # not ours: kept as it is
+    assert "is not a dparticles output" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(["import", str(star), "--out", str(out)]) == 0
     assert main(["import", str(star), "--out", str(out), "--overwrite"]) == 0
-    assert (out / "particles.star").is_file() and not (out / "keep.txt").exists()
+    assert (out / "particles.star").is_file()
 
 
 def test_import_refuses_output_holding_an_input(particle_set, capsys):

@@ -60,3 +60,23 @@ def test_relion_reads_downsampled_metadata_as_written(tmp_path):
     _relion("relion_stack_create", "--i", "particles.star", "--o", tmp_path / "relion", "--one_by_one", cwd=out)
     with mrcfile.open(tmp_path / "relion.mrcs", permissive=True) as mrc:
         assert np.array(mrc.data).tobytes() == open_particles(out).images.values.tobytes()
+
+
+def test_relion_run_from_the_project_directory_reads_our_outputs(tmp_path, monkeypatch):
+    """RELION resolves image names relative to the project directory it runs in; our outputs inside
+    a project name their stacks that way (the current directory by default), so RELION finds them."""
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    restack(SELECT, "Restack/job020", batch_size=100, cluster={"n_workers": 1}, log=quiet)
+    downsample("Restack/job020/particles.star", "Downsample/job021", fourier_box=64, batch_size=100,
+               cluster={"n_workers": 1}, log=quiet)
+    names = starfile.read(project / "Restack/job020/particles.star")["particles"]["rlnImageName"]
+    assert names.iloc[0] == "000001@Restack/job020/stacks/batch_000000.mrcs"
+    ours = {"Restack/job020": open_particles(SELECT).images.values,
+            "Downsample/job021": open_particles(project / "Downsample/job021").images.values}
+    for job, images in ours.items():
+        _relion("relion_stack_create", "--i", f"{job}/particles.star", "--o", f"{job}/relion", "--one_by_one",
+                cwd=project)
+        with mrcfile.open(project / job / "relion.mrcs", permissive=True) as mrc:
+            assert np.array(mrc.data).tobytes() == images.tobytes(), job

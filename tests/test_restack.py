@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+from jobdata import star_text
 from helpers import image_names, make_stack, optics_table, read_direct, star_images, write_star
 
 from dparticles.cli import main
@@ -85,8 +86,8 @@ def copy_project(real: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("batch_size", [50, 7, 1000])
 def test_real_selection_bit_identical_in_metadata_order(real, tmp_path, batch_size):
     src = real / SELECT
-    result = restack(src, tmp_path / "out", batch_size=batch_size, log=quiet)
     out = tmp_path / "out"
+    result = restack(src, out, batch_size=batch_size, project_dir=out, log=quiet)  # names relative to out
     n_batches = -(-284 // batch_size)
     assert (result.n_particles, result.n_files) == (284, n_batches)
     stacks = sorted((out / "stacks").iterdir())
@@ -112,7 +113,7 @@ def test_real_selection_bit_identical_in_metadata_order(real, tmp_path, batch_si
 
 def test_real_cs_keeps_every_field_but_the_blob_location(real, tmp_path):
     src = real / EMPIAR_CS
-    restack(src, tmp_path / "out", batch_size=3, log=quiet)
+    restack(src, tmp_path / "out", batch_size=3, project_dir=tmp_path / "out", log=quiet)
     before, after = np.load(src), np.load(tmp_path / "out" / "particles.cs")
     assert set(before.dtype.names) == set(after.dtype.names)
     for name in before.dtype.names:
@@ -256,8 +257,14 @@ def test_existing_output_needs_overwrite(real, tmp_path, capsys):
     code = main(["restack", str(src), "--out", str(out), "--batch-size", "100"])
     _, err = capsys.readouterr()
     assert code == 1 and "--overwrite" in err and (out / "notes.txt").read_text() == "mine"
+    # --overwrite replaces only a dparticles output: a folder with the user's own files is kept as it is
+    assert main(["restack", str(src), "--out", str(out), "--batch-size", "100", "--overwrite"]) == 1
+    _, err = capsys.readouterr()
+    assert "is not a dparticles output" in err and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    assert main(["restack", str(src), "--out", str(out), "--batch-size", "100"]) == 0
     assert main(["restack", str(src), "--out", str(out), "--batch-size", "100", "--overwrite"]) == 0
-    assert not (out / "notes.txt").exists() and (out / "particles.star").is_file()
+    assert (out / "particles.star").is_file()
     capsys.readouterr()
     # another run's output (other arguments) is refused too, and left as it was
     before = file_state([p for p in out.rglob("*") if p.is_file()])
@@ -332,7 +339,7 @@ def test_kill_and_rerun_ends_as_an_uninterrupted_run(tmp_path):
     ours, theirs = sorted((out / "stacks").iterdir()), sorted((ref / "stacks").iterdir())
     assert [p.name for p in ours] == [p.name for p in theirs] and len(ours) == -(-n // batch)
     assert all(filecmp.cmp(a, b, shallow=False) for a, b in zip(ours, theirs))
-    assert (out / "particles.star").read_text() == (ref / "particles.star").read_text()
+    assert star_text(out / "particles.star", out) == star_text(ref / "particles.star", ref)
     assert not [p for p in out.rglob("*") if TMP_MARK in p.name]
     # and the images are the source's, in metadata order
     first = read_direct(ours[0])

@@ -17,7 +17,8 @@ from dparticles.store import StoreResult, to_stacks
 
 def restack(source: str | os.PathLike | xr.Dataset, out: str | os.PathLike | None, *, batch_size: int | None = None,
             float16: bool = False, zarr: str | os.PathLike | None = None, overwrite: bool = False,
-            cluster: dict | None = None, log=print, **open_options) -> StoreResult:
+            cluster: dict | None = None, project_dir: str | os.PathLike | None = None, log=print,
+            **open_options) -> StoreResult:
     """Write the particles of ``source`` into ``out`` (and/or a zarr cache).
 
     ``source`` is anything :func:`open_particles` reads (opened with ``open_options``) or an
@@ -27,4 +28,6 @@ def restack(source: str | os.PathLike | xr.Dataset, out: str | os.PathLike | Non
     """
     ds = source if isinstance(source, xr.Dataset) else open_particles(source, **open_options)
     return to_stacks(ds, out, batch_size=batch_size, float16=float16, zarr=zarr, overwrite=overwrite,
-                     cluster=cluster, label="restack", log=log)
+                     cluster=cluster, project_dir=project_dir, label="restack", log=log,
+                     parameters={"source": source if not isinstance(source, xr.Dataset) else "a Dataset",
+                                 **open_options})

@@ -1,0 +1,51 @@
+"""Every output folder keeps a record of its run: job.json (what, on what, when, where, results),
+a RELION-style note.txt with the command line, and dask's performance report (report.html)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers import simple_set
+
+import dparticles
+
+
+def _run_cli(*args, cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "dparticles.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=180, cwd=cwd, env=env)
+
+
+def test_cli_runs_leave_job_json_note_and_report(tmp_path):
+    star, _ = simple_set(tmp_path / "project")
+    done = _run_cli("downsample", star, "--out", "Downsample/job002", "--fourier-box", "8", "12", "--batch-size", "5",
+                    "--n-workers", "1", cwd=tmp_path / "project")
+    assert done.returncode == 0, done.stderr
+    for box in (8, 12):
+        out = tmp_path / "project" / "Downsample" / "job002" / f"box{box}"
+        record = json.loads((out / "job.json").read_text())
+        assert record["job"] == "downsample" and record["version"] == dparticles.__version__
+        assert record["command"].startswith("dparticles downsample ") and "--fourier-box 8 12" in record["command"]
+        assert record["parameters"]["fourier_box"] == [8, 12] and record["parameters"]["batch_size"] == 5
+        assert record["inputs"]["metadata"] == str(star.resolve()) and record["inputs"]["stacks"] == 2
+        assert record["inputs"]["stack_bytes"] == sum(p.stat().st_size for p in (tmp_path / "project").rglob("*.mrcs")
+                                                      if "Downsample" not in p.parts)
+        assert record["particles"] == 12 and record["files"] == 3 and record["box"] == box
+        assert record["started"] <= record["ended"] and record["seconds"] > 0
+        assert record["cluster"]["workers"] == 1 and record["summary"]["n_tasks"] >= 1
+        note = (out / "note.txt").read_text()
+        assert "++++ with the following command(s)" in note and record["command"] in note
+        report = (out / "report.html").read_text()
+        assert "<html" in report.lower() and len(report) > 10_000  # dask's performance report, not a stub
+
+
+def test_python_runs_record_their_parameters(tmp_path):
+    star, _ = simple_set(tmp_path / "project")
+    result = dparticles.restack(star, tmp_path / "out", batch_size=4, cluster={"n_workers": 1}, log=lambda *_: None)
+    record = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert record["job"] == "restack" and record["pixels_copied_unchanged"] is True
+    assert record["particles"] == result.n_particles == 12 and record["files"] == 3 and record["kept_files"] == 0
+    assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
