@@ -101,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trim-prefix", default="", help="removed from exposure and micrograph names before matching")
     p.add_argument("--trim-suffix", default="", help="removed from exposure and micrograph names before matching")
     p.add_argument("--keep-unmatched", action="store_true", help="keep particles that match no exposure")
+    p.add_argument("--project-dir", help="the project directory that RELION or CryoSPARC run in: stacks are named "
+                                         "relative to it in the metadata (default: the current directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     p = add("info", help="what a particle set holds: counts, bytes, box, optics, metadata")
@@ -179,7 +181,8 @@ def _run(a: argparse.Namespace) -> int:
         from dparticles.jobs.importer import import_particles
         result = import_particles(a.input, a.out, exposures=a.exposures, trim_prefix=a.trim_prefix,
                                   trim_suffix=a.trim_suffix, keep_unmatched=a.keep_unmatched,
-                                  overwrite=a.overwrite, ignore_raw=a.ignore_raw, **_open_kwargs(a))
+                                  overwrite=a.overwrite, ignore_raw=a.ignore_raw, project_dir=a.project_dir,
+                                  **_open_kwargs(a))
         print(result)
     elif a.command == "info":
         from dparticles.dataset import open_particles

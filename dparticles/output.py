@@ -505,3 +505,9 @@ def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices:
         atomic_write(out / "particles.cs", lambda tmp: write_cs(tmp, data))
     blocks = to_star(particles, paths, indices)
     atomic_write(out / "particles.star", lambda tmp: write_star(tmp, blocks))
+
+
+def project_path(path: Path, project: Path) -> str:
+    """``path`` as RELION and CryoSPARC name files: relative to the project directory they run in,
+    or absolute when it lies outside (both absolute, links not resolved)."""
+    return os.path.relpath(path, project) if project == path or project in path.parents else str(path)

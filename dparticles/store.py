@@ -31,7 +31,7 @@ from dask.highlevelgraph import HighLevelGraph
 from dparticles import __version__, config
 from dparticles.cluster import RunSummary, cluster_client, reset_worker_peaks, watch
 from dparticles.errors import ParticleError
-from dparticles.output import prepare_output, refuse_inputs, remove_temporaries, write_metadata
+from dparticles.output import project_path, prepare_output, refuse_inputs, remove_temporaries, write_metadata
 from dparticles.output import hold_outputs
 from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
 from dparticles.io.mrc import HEADER_BYTES, stack_header
@@ -455,12 +455,6 @@ def _positions(plan: _Plan, project: Path) -> tuple[np.ndarray, np.ndarray]:
     paths = np.repeat(np.array(names, dtype=object), sizes)
     indices = np.arange(int(plan.files[-1]), dtype=np.int64) - np.repeat(plan.files[:-1], sizes)
     return paths, indices
-
-
-def project_path(path: Path, project: Path) -> str:
-    """``path`` as RELION and CryoSPARC name files: relative to the project directory they run in,
-    or absolute when it lies outside (both absolute, links not resolved)."""
-    return os.path.relpath(path, project) if project == path or project in path.parents else str(path)
 
 
 def float16_report(done: list[dict], n_values: int, kept: int) -> str:

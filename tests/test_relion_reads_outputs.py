@@ -14,6 +14,7 @@ from helpers import REAL
 
 from dparticles.dataset import open_particles
 from dparticles.jobs.downsample import downsample
+from dparticles.jobs.importer import import_particles
 from dparticles.jobs.restack import restack
 
 SELECT = REAL / "relion31_sim_ribo70S_b128" / "Select" / "job010" / "particles.star"
@@ -68,12 +69,14 @@ def test_relion_run_from_the_project_directory_reads_our_outputs(tmp_path, monke
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
-    restack(SELECT, "Restack/job020", batch_size=100, cluster={"n_workers": 1}, log=quiet)
+    import_particles(SELECT, "Import/job005")
+    restack("Import/job005", "Restack/job020", batch_size=100, cluster={"n_workers": 1}, log=quiet)
     downsample("Restack/job020/particles.star", "Downsample/job021", fourier_box=64, batch_size=100,
                cluster={"n_workers": 1}, log=quiet)
     names = starfile.read(project / "Restack/job020/particles.star")["particles"]["rlnImageName"]
     assert names.iloc[0] == "000001@Restack/job020/stacks/batch_000000.mrcs"
-    ours = {"Restack/job020": open_particles(SELECT).images.values,
+    ours = {"Import/job005": open_particles(SELECT).images.values,
+            "Restack/job020": open_particles(SELECT).images.values,
             "Downsample/job021": open_particles(project / "Downsample/job021").images.values}
     for job, images in ours.items():
         _relion("relion_stack_create", "--i", f"{job}/particles.star", "--o", f"{job}/relion", "--one_by_one",

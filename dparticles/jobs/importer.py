@@ -15,7 +15,7 @@ from dask.base import tokenize
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 from dparticles.io.star import read_star
-from dparticles.output import hold_outputs, prepare_output, write_metadata
+from dparticles.output import hold_outputs, prepare_output, project_path, write_metadata
 
 EXPOSURE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".eer", ".mrc.bz2")
 
@@ -38,18 +38,22 @@ class ImportResult:
 @hold_outputs
 def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, exposures: str | None = None,
                      trim_prefix: str = "", trim_suffix: str = "", keep_unmatched: bool = False,
-                     overwrite: bool = False, **open_options) -> ImportResult:
-    """Import particles: options as :func:`open_particles`, plus linking to exposures by micrograph name."""
+                     overwrite: bool = False, project_dir: str | os.PathLike | None = None,
+                     **open_options) -> ImportResult:
+    """Import particles: options as :func:`open_particles`, plus linking to exposures by micrograph name.
+    The stacks are linked under ``out/stacks`` and named as RELION names them, relative to
+    ``project_dir`` (default: the current directory) or absolute when ``out`` lies outside it."""
     ds = open_particles(source, **open_options)
     matched = unmatched = None
     if exposures is not None:
         ds, matched, unmatched = link_exposures(ds, Path(exposures), trim_prefix, trim_suffix, keep_unmatched)
     token = tokenize(str(source), sorted(open_options.items()), exposures, trim_prefix, trim_suffix, keep_unmatched)
-    out_dir = prepare_output(Path(out), ds, overwrite=overwrite, job="import", token=token)
+    out_dir = prepare_output(Path(out).absolute(), ds, overwrite=overwrite, job="import", token=token)
+    project = Path(project_dir if project_dir is not None else os.getcwd()).absolute()
     paths = indices = None
     n_stacks = 0
     if "images" in ds:
-        links = _link_stacks(ds, out_dir)
+        links = _link_stacks(ds, out_dir, project)
         n_stacks = len(links)
         paths = np.array([links[p] for p in ds["stack_path"].values], dtype=object)[ds["stack_id"].values]
         indices = ds["image_index"].values
@@ -57,8 +61,9 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
     return ImportResult(Path(out), ds.sizes["particle"], n_stacks, matched, unmatched)
 
 
-def _link_stacks(ds: xr.Dataset, out: Path) -> dict[str, str]:
-    """Symlink each distinct source stack under ``out/stacks``; returns source -> name relative to out."""
+def _link_stacks(ds: xr.Dataset, out: Path, project: Path) -> dict[str, str]:
+    """Symlink each distinct source stack under ``out/stacks``; returns source -> the link's name as
+    the metadata gives it (:func:`dparticles.output.project_path`)."""
     sources = ds["stack_path"].values.astype(str)
     (out / "stacks").mkdir(exist_ok=True)
     links: dict[str, str] = {}
@@ -74,7 +79,7 @@ def _link_stacks(ds: xr.Dataset, out: Path) -> dict[str, str]:
         else:
             link.unlink(missing_ok=True)
             link.symlink_to(target)
-        links[src] = f"stacks/{name}"
+        links[src] = project_path(out / "stacks" / name, project)
     return links
 
 
