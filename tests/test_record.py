@@ -49,3 +49,13 @@ def test_python_runs_record_their_parameters(tmp_path):
     assert record["job"] == "restack" and record["pixels_copied_unchanged"] is True
     assert record["particles"] == result.n_particles == 12 and record["files"] == 3 and record["kept_files"] == 0
     assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
+
+
+def test_import_leaves_job_json_and_note(tmp_path):
+    star, _ = simple_set(tmp_path / "project")
+    done = _run_cli("import", star, "--out", "Import/job001", "--voltage", "200", cwd=tmp_path / "project")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "project" / "Import" / "job001"
+    record = json.loads((out / "job.json").read_text())
+    assert record["job"] == "import" and record["parameters"]["voltage"] == 200.0 and record["particles"] == 12
+    assert record["stacks_linked"] == 2 and "dparticles import" in (out / "note.txt").read_text()

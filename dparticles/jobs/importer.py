@@ -4,6 +4,7 @@ points at the links (``particles.star``, RELION 3.1 style, and ``particles.cs``)
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from dask.base import tokenize
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 from dparticles.io.star import read_star
+from dparticles import __version__
 from dparticles.output import hold_outputs, prepare_output, project_path, write_metadata
+from dparticles.record import command_line, inputs, now, write_run_record
 
 EXPOSURE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".eer", ".mrc.bz2")
 
@@ -43,6 +46,7 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
     """Import particles: options as :func:`open_particles`, plus linking to exposures by micrograph name.
     The stacks are linked under ``out/stacks`` and named as RELION names them, relative to
     ``project_dir`` (default: the current directory) or absolute when ``out`` lies outside it."""
+    started, t0 = now(), time.monotonic()
     ds = open_particles(source, **open_options)
     matched = unmatched = None
     if exposures is not None:
@@ -58,7 +62,15 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
         paths = np.array([links[p] for p in ds["stack_path"].values], dtype=object)[ds["stack_id"].values]
         indices = ds["image_index"].values
     write_metadata(out_dir, ds, paths, indices, cs=True)
-    return ImportResult(Path(out), ds.sizes["particle"], n_stacks, matched, unmatched)
+    result = ImportResult(Path(out), ds.sizes["particle"], n_stacks, matched, unmatched)
+    write_run_record(out_dir, {  # no dask tasks run here, so there is no performance report
+        "job": "import", "command": command_line(), "version": __version__,
+        "parameters": {"source": str(source), "exposures": exposures, "trim_prefix": trim_prefix,
+                       "trim_suffix": trim_suffix, "keep_unmatched": keep_unmatched, "project_dir": project,
+                       **open_options},
+        "inputs": inputs(ds), "started": started, "ended": now(), "seconds": round(time.monotonic() - t0, 3),
+        "particles": result.n_particles, "stacks_linked": n_stacks, "matched": matched, "unmatched": unmatched})
+    return result
 
 
 def _link_stacks(ds: xr.Dataset, out: Path, project: Path) -> dict[str, str]:
