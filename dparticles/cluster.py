@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -581,6 +582,22 @@ def _jobqueue_client(kind: str, jobs: int, options: dict[str, Any], security: An
 
 
 @contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (an ignored signal stays ignored across exec): Ctrl-C
+    in a terminal reaches the whole process group, and only the job itself should answer it, by
+    cancelling its tasks and closing the cluster, not every worker with a traceback."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to set
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def cluster_client(scheduler: str | None = None, scheduler_file: str | None = None, *,
                    n_workers: int | None = None, threads_per_worker: int | None = None,
                    memory_limit: str | None = None, security: Any = None,
@@ -654,10 +671,13 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
     host = str(config.get("cluster.host"))
     sec = security if security is not None else Security.temporary()
     # workers log a failed task with its traceback; the job reports the error once, clearly
-    with distributed.LocalCluster(n_workers=n, threads_per_worker=threads, memory_limit=mem, processes=True,
-                                  host=host, dashboard_address=_dashboard_address(host),
-                                  silence_logs=logging.CRITICAL, security=sec) as cluster, \
-            distributed.Client(cluster, security=sec, set_as_default=False) as client, client.as_current():
+    with contextlib.ExitStack() as stack:
+        with _workers_ignore_ctrl_c():  # only while the worker processes start
+            cluster = stack.enter_context(distributed.LocalCluster(
+                n_workers=n, threads_per_worker=threads, memory_limit=mem, processes=True, host=host,
+                dashboard_address=_dashboard_address(host), silence_logs=logging.CRITICAL, security=sec))
+        client = stack.enter_context(distributed.Client(cluster, security=sec, set_as_default=False))
+        stack.enter_context(client.as_current())
         limits = {w.get("memory_limit") for w in cluster.scheduler_info.get("workers", {}).values()}
         mem_text = ", ".join(format_bytes(m) if m else "no limit" for m in limits) or str(mem)
         log(f"Started a local Dask cluster: {n} workers x {threads} threads, {mem_text} memory each; "
