@@ -60,10 +60,11 @@ def read_star(path: str | os.PathLike, *, compact: bool = False) -> dict[str, pd
     if compact:
         try:
             blocks = _read_compact(path)
-        except Exception:  # an unusual layout: read the careful way below
+        except Exception:  # an unusual layout or a fault: the line scan below finds which
             blocks = None
         if blocks is not None and blocks:
             return blocks
+    check_star(path)
     try:
         blocks = _read_fast(path, AS_STRING)
     except Exception:  # anything unusual: the reference parser decides, and words the error
@@ -78,6 +79,101 @@ def read_star(path: str | os.PathLike, *, compact: bool = False) -> dict[str, pd
     if compact:
         blocks = {k: compact_loop(v) if isinstance(v, pd.DataFrame) else v for k, v in blocks.items()}
     return blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# the line scan: slow and exact, run only to find the line at fault once something is known wrong
+# ---------------------------------------------------------------------------------------------
+
+# RELION reads whitespace-separated tokens; a token that starts with '#' starts a comment (to the
+# end of the line); a token that starts with a quote runs to the matching quote. A '#' or quote
+# inside a token is part of it.
+_TOKEN = re.compile(r"""(?:"([^"]*)"|'([^']*)')(?=\s|$)|(\S+)""")
+
+
+def tokens(line: str) -> list[str]:
+    """The values of one line as RELION reads them (comments dropped, quotes removed)."""
+    if '"' not in line and "'" not in line:
+        out = line.split()
+    else:
+        out = []
+        for m in _TOKEN.finditer(line):
+            if m.group(3) is None:
+                out.append(m.group(1) if m.group(1) is not None else m.group(2))
+            elif m.group(3).startswith("#"):
+                break
+            else:
+                out.append(m.group(3))
+        return out
+    for k, t in enumerate(out):
+        if t.startswith("#"):
+            return out[:k]
+    return out
+
+
+def _scan(path: Path):
+    """(block name, kind, 1-based line number, tokens) for each line of a STAR file that matters:
+    kind 'data' (a block opens), 'label' (a loop label), 'row' (a loop row), 'pair' (key value)."""
+    block, in_loop, labels_done = None, False, False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            if s.startswith("data_"):
+                block, in_loop, labels_done = s[5:].strip(), False, False
+                yield block, "data", number, []
+            elif s.startswith("loop_"):
+                in_loop, labels_done = True, False
+            elif s.startswith("_"):
+                if in_loop and labels_done:  # a label after rows: a new loop in the same block
+                    labels_done = False
+                yield block, "label" if in_loop else "pair", number, s.split()[:1 if in_loop else 2]
+            elif in_loop:
+                labels_done = True
+                yield block, "row", number, tokens(s)
+
+
+def check_star(path: Path) -> None:
+    """Raise ParticleError naming the line when a STAR file's structure is faulty: a loop row whose
+    number of values is not its number of labels, a label given twice in one loop, or more than one
+    data_particles block."""
+    labels: list[str] = []
+    seen: dict[str, int] = {}
+    particles: list[int] = []
+    for block, kind, number, values in _scan(path):
+        if kind == "data":
+            labels, seen = [], {}
+            if block == "particles":
+                particles.append(number)
+        elif kind == "label":
+            if seen.get("row"):
+                labels, seen = [], {}
+            label = values[0][1:]
+            if label in seen:
+                raise ParticleError(f"label _{label} appears twice in the loop of data_{block} (first on line "
+                                    f"{seen[label]}); expected each label once", path=path, line=number)
+            seen[label] = number
+            labels.append(label)
+        elif kind == "row":
+            seen["row"] = number
+            if len(values) != len(labels):
+                raise ParticleError(f"data_{block} row has {len(values)} values: expected {len(labels)} fields "
+                                    f"(one per label), got {len(values)}", path=path, line=number)
+    if len(particles) > 1:
+        raise ParticleError(f"file holds {len(particles)} data_particles blocks; expected one (they open on "
+                            f"lines {', '.join(map(str, particles))}; RELION would read only the first)", path=path)
+
+
+def line_of_row(path: Path, block: str, row: int) -> int | None:
+    """The 1-based line number of row ``row`` (0-based) of the loop of ``block``."""
+    k = 0
+    for name, kind, number, _ in _scan(path):
+        if kind == "row" and name == block:
+            if k == row:
+                return number
+            k += 1
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +412,8 @@ def _read_compact(path: Path) -> dict[str, pd.DataFrame | dict]:
                 continue
             name = line.lstrip(b" \t")[5:].decode("utf-8").strip()
             block, line = _compact_block(src, pool)
+            if name in blocks:
+                raise _Unusual(f"a second data_{name} block")
             if block is not None:
                 blocks[name] = block
     return blocks
@@ -355,6 +453,8 @@ def _compact_block(src: _Source, pool) -> tuple[pd.DataFrame | dict | None, byte
         s = line.strip()
         if s.startswith(b"_"):
             labels.append(s.split()[0][1:].decode("utf-8"))
+            if labels[-1] in labels[:-1]:
+                raise _Unusual("a label given twice")
         elif s:
             src.unread(start)
             break
@@ -404,12 +504,15 @@ def _loop(labels: list[str], text: set[str], src: _Source, pool) -> pd.DataFrame
 
 
 _NUMBERED_VALUE = re.compile(rb"\d+@[^@]+")
+_QUOTED = re.compile(rb"""(?:^|\s)["']""")
+_COMMENT = re.compile(rb"(^|[ \t])#[^\n]*", re.M)
 
 
 def _numbered_columns(piece: bytes, labels: list[str]) -> list[str]:
     """Labels whose value on the first data line is ``<digits>@<text>``."""
     for line in piece.split(b"\n", 64):
-        line = line.split(b"#", 1)[0].split()
+        line = line.split()
+        line = next((line[:k] for k, t in enumerate(line) if t.startswith(b"#")), line)
         if line:
             if len(line) != len(labels):
                 raise _Unusual("row length differs from the number of columns")
@@ -422,21 +525,26 @@ def _parse_piece(piece: bytes, width: int, categorical: list[int], numbered: int
 
     With ``numbered`` columns of ``N@text`` values, every ``@`` becomes a separator; the piece must
     hold exactly that many per row."""
-    if b'"' in piece or b"'" in piece:
+    if (b'"' in piece or b"'" in piece) and _QUOTED.search(piece):
         raise _Unusual("quotes")
+    if b"#" in piece:  # a comment starts only where a token would: a '#' inside a token is text
+        piece = _COMMENT.sub(rb"\1", piece)
     ats = None
     if numbered:
         ats = piece.count(b"@")
         piece = piece.replace(b"@", b" ")
     try:
         df = pd.read_csv(io.BytesIO(piece), sep=r"\s+", header=None, dtype={j: object for j in categorical},
-                         keep_default_na=False, na_values=_NA, engine="c", comment="#", quoting=csv.QUOTE_NONE)
+                         keep_default_na=False, na_values=_NA, engine="c", quoting=csv.QUOTE_NONE)
     except pd.errors.EmptyDataError:
         df = pd.DataFrame()
     if len(df) == 0 and not ats:
         return None, 0, len(piece)
     if df.shape[1] != width or (ats is not None and ats != numbered * len(df)):
         raise _Unusual("row length differs from the number of columns")
+    last = df[width - 1]  # a short row is filled with missing values: let the line scan look
+    if last.isna().any() or (last.dtype == object and (last == "").any()):
+        raise _Unusual("missing values in the last column")
     parts = [pd.factorize(df[j].to_numpy(), use_na_sentinel=True) if j in categorical else df[j].to_numpy()
              for j in range(width)]
     return parts, len(df), len(piece)
@@ -450,7 +558,7 @@ class _Columns:
     def __init__(self, names: list[str], categorical: list[int], numbered: list[str], body_bytes: int):
         self.names, self.numbered, self.body_bytes = names, numbered, body_bytes
         self.arrays: list[np.ndarray | None] = [None] * len(names)
-        self.index = {j: pd.Index([], dtype=object) for j in categorical}  # column -> its distinct values so far
+        self.index = {j: _Distinct() for j in categorical}  # column -> its distinct values so far
         self.n = self.seen = 0
 
     def add(self, parts, n: int, nbytes: int) -> None:
@@ -484,16 +592,9 @@ class _Columns:
         self.arrays[j] = a
 
     def _codes(self, j: int, part: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """A piece's codes into its own distinct values, as codes into the loop's (hashing only the
-        piece's distinct values)."""
+        """A piece's codes into its own distinct values, as codes into the loop's."""
         codes, values = part
-        known = self.index[j]
-        mapping = known.get_indexer(values)
-        new = mapping < 0
-        if new.any():
-            mapping[new] = len(known) + np.arange(int(new.sum()))
-            self.index[j] = known.append(pd.Index(values[new], dtype=object))
-        mapping = np.append(mapping, -1).astype(np.int32)
+        mapping = np.append(self.index[j].codes(values), -1).astype(np.int32)
         return mapping[np.where(codes < 0, len(mapping) - 1, codes)]
 
     def frame(self) -> pd.DataFrame:
@@ -504,7 +605,7 @@ class _Columns:
                 a.resize(self.n, refcheck=False)  # in place: the unused tail goes back to the system
             except ValueError:
                 a = a[:self.n].copy()
-            out[name] = (a, self.index[j].tolist()) if j in self.index else a
+            out[name] = (a, self.index[j].values()) if j in self.index else a
         for label in self.numbered:
             number, (tcodes, texts) = out.pop(label + NUMBER), out.pop(label)
             if label in NUMBERED:  # read as integers: whatever their padding, the number is what counts
@@ -523,6 +624,30 @@ class _Columns:
                 elif value is not None:
                     frame[k] = value
         return pd.DataFrame(frame, index=pd.RangeIndex(self.n), copy=False)
+
+
+class _Distinct:
+    """The distinct values of a text column, numbered in order of appearance, for pieces that come
+    one after another: a piece's distinct values are looked up in a hashed index (C speed), those
+    not in it in a dict of the values met since the index was last rebuilt, which it is when that
+    dict has grown to a quarter of it (so each value is hashed a few times at most, however many
+    pieces)."""
+
+    def __init__(self):
+        self.index = pd.Index([], dtype=object)
+        self.recent: dict = {}
+
+    def codes(self, values: np.ndarray) -> np.ndarray:
+        found = self.index.get_indexer(values)
+        for k in np.flatnonzero(found < 0).tolist():
+            found[k] = self.recent.setdefault(values[k], len(self.index) + len(self.recent))
+        if len(self.recent) > max(4096, len(self.index) // 4):
+            self.index = self.index.append(pd.Index(list(self.recent), dtype=object))
+            self.recent = {}
+        return found
+
+    def values(self) -> list:
+        return self.index.tolist() + list(self.recent)
 
 
 def _pair(ncodes: np.ndarray, numbers: list[str], tcodes: np.ndarray, texts: list[str], keep_number: bool):

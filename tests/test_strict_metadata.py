@@ -1,0 +1,229 @@
+"""Malformed metadata gets one clear ParticleError naming the file, the line or particle, and what
+was expected; values RELION keeps verbatim are kept verbatim."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dparticles
+from dparticles.cli import main
+from dparticles.errors import ParticleError
+from dparticles.io.star import read_star, write_star as write_blocks
+from tests.helpers import make_stack
+
+OPTICS = """
+data_optics
+
+loop_
+_rlnOpticsGroup #1
+_rlnOpticsGroupName #2
+_rlnVoltage #3
+_rlnSphericalAberration #4
+_rlnAmplitudeContrast #5
+_rlnImagePixelSize #6
+_rlnImageSize #7
+_rlnImageDimensionality #8
+1 opticsGroup1 300.0 2.7 0.1 1.5 16 2
+"""
+HEAD = """
+data_particles
+
+loop_
+_rlnImageName #1
+_rlnMicrographName #2
+_rlnDefocusU #3
+_rlnDefocusV #4
+_rlnClassNumber #5
+_rlnOpticsGroup #6
+"""
+HEAD_LINES = (OPTICS + HEAD).count("\n")  # lines before the first particle row
+
+
+def rows(n=4, mic="mic1.mrc"):
+    return [f"{i + 1:06d}@s.mrcs {mic} 10000.0 11000.0 1 1" for i in range(n)]
+
+
+def star(tmp_path, lines, *, head=HEAD, tail="\n", extra=""):
+    make_stack(tmp_path / "s.mrcs", 4)
+    path = tmp_path / "particles.star"
+    path.write_text(OPTICS + head + "\n".join(lines) + tail + extra)
+    return path
+
+
+def check(path, *words, line=None, particle=None, capsys=None):
+    with pytest.raises(ParticleError) as info:
+        dparticles.open_particles(path)
+    message = str(info.value)
+    assert str(path) in message
+    for w in words:
+        assert w in message, message
+    if line is not None:
+        assert f"line {line}" in message, message
+    if particle is not None:
+        assert f"particle {particle}" in message, message
+    if capsys is not None:
+        capsys.readouterr()
+        assert main(["info", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+    return message
+
+
+# 1. rows with too few or too many fields
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_short_row(tmp_path, capsys, k):
+    lines = rows()
+    lines[k] = lines[k].rsplit(" ", 1)[0]
+    check(star(tmp_path, lines), "expected 6 fields (one per label), got 5", line=HEAD_LINES + 1 + k,
+          capsys=capsys)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_long_row(tmp_path, capsys, k):
+    lines = rows()
+    lines[k] += " 7"
+    check(star(tmp_path, lines), "expected 6 fields (one per label), got 7", line=HEAD_LINES + 1 + k,
+          capsys=capsys)
+
+
+def test_truncated_last_row(tmp_path, capsys):
+    lines = rows()
+    lines[-1] = lines[-1][:20]
+    check(star(tmp_path, lines, tail=""), "expected 6 fields (one per label), got 2", line=HEAD_LINES + 4,
+          capsys=capsys)
+
+
+# 2. duplicate labels
+
+def test_duplicate_label(tmp_path, capsys):
+    head = HEAD + "_rlnDefocusU #7\n"
+    lines = [r + " 12000.0" for r in rows()]
+    check(star(tmp_path, lines, head=head), "rlnDefocusU", "twice", line=HEAD_LINES + 1, capsys=capsys)
+
+
+# 3. two particle blocks
+
+def test_two_particle_blocks(tmp_path, capsys):
+    path = star(tmp_path, rows(), extra=HEAD + "\n".join(rows(2)) + "\n")
+    check(path, "file holds 2 data_particles blocks; expected one", capsys=capsys)
+
+
+# 4. numbers
+
+@pytest.mark.parametrize("col,value,label", [(4, "abc", "rlnClassNumber"), (2, "x", "rlnDefocusU")])
+def test_not_a_number(tmp_path, capsys, col, value, label):
+    lines = rows()
+    cells = lines[2].split()
+    cells[col] = value
+    lines[2] = " ".join(cells)
+    check(star(tmp_path, lines), label, repr(value), "expected", line=HEAD_LINES + 3, capsys=capsys)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_not_finite_defocus(tmp_path, capsys, value):
+    lines = rows()
+    cells = lines[1].split()
+    cells[3] = value
+    lines[1] = " ".join(cells)
+    check(star(tmp_path, lines), "rlnDefocusV", "finite", line=HEAD_LINES + 2, capsys=capsys)
+
+
+@pytest.mark.parametrize("label,value", [("rlnImagePixelSize", "nan"), ("rlnVoltage", "inf"),
+                                         ("rlnSphericalAberration", "nan")])
+def test_not_finite_optics(tmp_path, capsys, label, value):
+    path = star(tmp_path, rows())
+    old = "1 opticsGroup1 300.0 2.7 0.1 1.5 16 2"
+    cells = old.split()
+    cells[{"rlnVoltage": 2, "rlnSphericalAberration": 3, "rlnImagePixelSize": 5}[label]] = value
+    path.write_text(path.read_text().replace(old, " ".join(cells)))
+    check(path, label, "finite", capsys=capsys)
+
+
+def test_nan_never_written_empty(tmp_path):
+    import pandas as pd
+    out = tmp_path / "out.star"
+    write_blocks(out, {"particles": pd.DataFrame({"rlnA": [1.0, np.nan, 2.5], "rlnB": [1, 2, 3]})})
+    body = [ln for ln in out.read_text().splitlines() if ln and not ln.startswith(("_", "#", "data_", "loop_"))]
+    assert all(len(ln.split()) == 2 for ln in body), body
+    back = read_star(out, compact=True)["particles"]
+    assert np.isnan(back["rlnA"][1]) and back["rlnB"].tolist() == [1, 2, 3]
+
+
+# 5. image indices
+
+@pytest.mark.parametrize("name", ["000000@s.mrcs", "-00001@s.mrcs", "99999999999999999999@s.mrcs",
+                                  "9223372036854775808@s.mrcs"])
+def test_bad_image_index(tmp_path, capsys, name):
+    lines = rows()
+    lines[1] = name + " " + lines[1].split(" ", 1)[1]
+    check(star(tmp_path, lines), "rlnImageName", line=HEAD_LINES + 2, capsys=capsys)
+
+
+def cs_file(tmp_path, **change):
+    make_stack(tmp_path / "s.mrcs", 4)
+    fields = {"uid": np.arange(4, dtype=np.uint64), "blob/path": np.array([b"s.mrcs"] * 4),
+              "blob/idx": np.arange(4, dtype=np.uint32), "blob/shape": np.full((4, 2), 16, np.uint32),
+              "blob/psize_A": np.full(4, 1.5, np.float32)}
+    for k, v in change.items():
+        k = k.replace("__", "/")
+        if v is None:
+            fields.pop(k)
+        else:
+            fields[k] = v
+    data = np.empty(4, dtype=[(k, v.dtype, v.shape[1:]) for k, v in fields.items()])
+    for k, v in fields.items():
+        data[k] = v
+    path = tmp_path / "particles.cs"
+    with open(path, "wb") as f:
+        np.save(f, data)
+    return path
+
+
+def test_cs_negative_index(tmp_path, capsys):
+    path = cs_file(tmp_path, blob__idx=np.array([0, 1, -2, 3], dtype=np.int32))
+    check(path, "blob/idx", "-2", particle=3, capsys=capsys)
+
+
+# 6. quotes and hashes inside tokens are kept as RELION keeps them
+
+@pytest.mark.parametrize("mic", ["mic#1.mrc", "it's.mrc", "a#b'c#.mrc"])
+def test_verbatim_tokens(tmp_path, mic):
+    path = star(tmp_path, rows(mic=mic))
+    ds = dparticles.open_particles(path)
+    assert ds["micrograph"].values.tolist() == [mic] * 4
+    assert ds["defocus_u"].values.tolist() == [10000.0] * 4
+    blocks = read_star(path, compact=True)
+    out = tmp_path / "again.star"
+    write_blocks(out, blocks)
+    again = read_star(out, compact=True)["particles"]
+    assert list(again["rlnMicrographName"]) == [mic] * 4
+    assert f" {mic} " in out.read_text()
+
+
+def test_comment_lines_and_trailing_comments(tmp_path):
+    lines = rows()
+    lines.insert(1, "# a comment line")
+    lines[2] += "   # trailing comment"
+    ds = dparticles.open_particles(star(tmp_path, lines))
+    assert ds["defocus_u"].values.tolist() == [10000.0] * 4
+
+
+# 7. malformed .cs fields
+
+@pytest.mark.parametrize("change,words", [
+    ({"blob__idx": np.arange(8, dtype=np.uint32).reshape(4, 2)}, ["blob/idx", "shape"]),
+    ({"blob__idx": np.arange(4, dtype=np.float32)}, ["blob/idx", "integer"]),
+    ({"blob__path": np.arange(4, dtype=np.int64)}, ["blob/path", "bytes"]),
+    ({"blob__path": None}, ["blob/path"]),
+])
+def test_cs_bad_fields(tmp_path, capsys, change, words):
+    check(cs_file(tmp_path, **change), *words, capsys=capsys)
+
+
+def test_good_files_still_open(tmp_path):
+    ds = dparticles.open_particles(star(tmp_path, rows()))
+    assert ds["image_index"].values.tolist() == [0, 1, 2, 3]
+    ds = dparticles.open_particles(cs_file(tmp_path))
+    assert ds["image_index"].values.tolist() == [0, 1, 2, 3]
