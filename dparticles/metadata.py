@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from dparticles.errors import ParticleError
-from dparticles.io.star import NUMBER
+from dparticles.io.star import NUMBER, line_of_row
 
 CANONICAL = ["image_name", "image_index", "micrograph", "coord_x", "coord_y", "defocus_u", "defocus_v",
              "defocus_angle", "phase_shift", "voltage", "cs", "amp_contrast", "dose", "pixel_size", "box",
@@ -89,8 +89,20 @@ class Table:
 
 def from_star(blocks: dict, path: Path) -> Table:
     """Interpret STAR blocks (3.0 single table, or 3.1+ optics + particles in any order), as
-    :func:`dparticles.io.star.read_star` gives them (compact or not)."""
+    :func:`dparticles.io.star.read_star` gives them (compact or not). An error about a particle
+    names its line in the file too (found by a line scan, once the error is known)."""
     particles_name = _particle_block(blocks, path)
+    try:
+        return _from_star(blocks, path, particles_name)
+    except ParticleError as exc:
+        prefix = f"{path}, particle {exc.particle}: "
+        if exc.particle is None or exc.line is not None or not str(exc).startswith(prefix):
+            raise
+        line = line_of_row(Path(path), particles_name, exc.particle - 1) if Path(path).is_file() else None
+        raise ParticleError(str(exc)[len(prefix):], path=path, line=line, particle=exc.particle) from None
+
+
+def _from_star(blocks: dict, path: Path, particles_name: str) -> Table:
     star = blocks[particles_name].reset_index(drop=True)
     optics = blocks.get("optics")
     if isinstance(optics, dict):  # a key-value block named optics: one group
@@ -119,6 +131,7 @@ def from_star(blocks: dict, path: Path) -> Table:
                 raise ParticleError("particles have no rlnOpticsGroup but data_optics has several groups",
                                     path=path)
             out["optics_group"] = _same(np.int64(optics["rlnOpticsGroup"].iloc[0]), n)
+        _check_optics(optics, path)
         table = optics.set_index("rlnOpticsGroup")
         rows = _rows_of(out["optics_group"], table.index)
         missing = rows < 0
@@ -162,13 +175,15 @@ def from_star(blocks: dict, path: Path) -> Table:
             values = _values(star[label])
             out[f"star:{label}"] = _same_or(values) if isinstance(values, np.ndarray) else values
 
+    labels = {v: k for k, v in (_STAR_PARTICLE | _STAR_OPTICS).items()}
     for col in ("optics_group", "class_number", "box"):
         if col in out:
-            out[col] = _ints(out[col])
-    labels = {v: k for k, v in (_STAR_PARTICLE | _STAR_OPTICS).items()}
+            out[col] = _ints(_whole(out[col], labels.get(col, col), path))
     for col in _FLOAT:  # e.g. 'rlnVoltage 300' parses as an integer; units are float whatever the file wrote
         if col in out:
             out[col] = _floats(out[col], labels.get(col, col), path)
+            if col in _FINITE:
+                _finite(out[col], labels.get(col, col), path)
     if "optics_group" not in out:
         out["optics_group"] = _same(np.int64(1), n)
     if "optics_group_name" not in out:
@@ -277,6 +292,52 @@ def _floats(values, name: str, path: Path) -> np.ndarray:
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise ParticleError(f"{name} is {series.iloc[row]!r}; expected a number", path=path, particle=row + 1)
     return _same_or(out.to_numpy())
+
+
+_FINITE = ["defocus_u", "defocus_v", "pixel_size", "voltage", "cs"]  # NaN or inf here would spoil every image
+
+
+def _finite(values: np.ndarray, name: str, path: Path, block: str | None = None) -> None:
+    """An error naming the first particle (or ``block`` row) whose value is NaN or infinite."""
+    values = np.asarray(values)
+    probe = values[:1] if values.ndim == 1 and values.strides == (0,) else values
+    bad = ~np.isfinite(probe)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        message = f"{name} is {probe[row]!r}; expected a finite number"
+        if block is None:
+            raise ParticleError(message, path=path, particle=row + 1)
+        line = line_of_row(Path(path), block, row) if Path(path).is_file() else None
+        raise ParticleError(f"data_{block}: {message}", path=path, line=line)
+
+
+def _whole(values, name: str, path: Path) -> np.ndarray:
+    """A column of whole numbers, or an error naming the first particle whose value is not one."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        return values
+    floats = _floats(values, name, path)
+    probe = floats[:1] if floats.ndim == 1 and floats.strides == (0,) else floats
+    bad = ~np.isfinite(probe) | (probe != np.trunc(probe))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ParticleError(f"{name} is {probe[row]!r}; expected a whole number", path=path, particle=row + 1)
+    return floats
+
+
+def _check_optics(optics: pd.DataFrame, path: Path) -> None:
+    """Numbers in data_optics that every particle of a group takes: an error naming the line."""
+    for label in ("rlnOpticsGroup", "rlnImagePixelSize", "rlnVoltage", "rlnSphericalAberration",
+                  "rlnAmplitudeContrast", "rlnImageSize"):
+        if label not in optics:
+            continue
+        values = optics[label].to_numpy()
+        if values.dtype.kind not in "iufb":
+            numbers = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
+            row = int(np.flatnonzero(numbers.isna().to_numpy())[0]) if numbers.isna().any() else 0
+            line = line_of_row(Path(path), "optics", row) if Path(path).is_file() else None
+            raise ParticleError(f"data_optics: {label} is {values[row]!r}; expected a number", path=path, line=line)
+        if label != "rlnAmplitudeContrast":
+            _finite(values.astype(np.float64), label, path, block="optics")
 
 
 def _particle_block(blocks: dict, path: Path) -> str:
