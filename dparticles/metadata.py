@@ -370,7 +370,8 @@ def _image_names(star: pd.DataFrame, path: Path) -> tuple[pd.Categorical, np.nda
         names = star["rlnImageName"].array
         if (index < 0).any():
             row = int(np.flatnonzero(index < 0)[0])
-            raise ParticleError(f"rlnImageName {f'{index[row] + 1:06d}@{names[row]}'!r}: image numbers start at 1",
+            raise ParticleError(f"rlnImageName {f'{index[row] + 1:06d}@{names[row]}'!r}: image numbers start at 1; "
+                                "expected N@stack with N >= 1",
                                 path=path, particle=row + 1)
         return names, index
     names, index = _split_image_names(star["rlnImageName"], path)
@@ -394,10 +395,17 @@ def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, np.nda
                                 particle=row + 1)
         parts.loc[no_at, 0] = "1"
         parts.loc[no_at, 1] = s[no_at].str.strip()
+    digits = parts[0].str.lstrip("0")
+    big = (digits.str.len() > 19) | ((digits.str.len() == 19) & (digits >= str(2**63)))
+    if big.any():
+        row = int(np.flatnonzero(big.to_numpy())[0])
+        raise ParticleError(f"rlnImageName {s.iloc[row]!r}: the image number is too large; expected N@stack with "
+                            f"N from 1 to {2**63 - 1}", path=path, particle=row + 1)
     index = parts[0].astype(np.int64).to_numpy() - 1
     if (index < 0).any():
         row = int(np.flatnonzero(index < 0)[0])
-        raise ParticleError(f"rlnImageName {s.iloc[row]!r}: image numbers start at 1", path=path, particle=row + 1)
+        raise ParticleError(f"rlnImageName {s.iloc[row]!r}: image numbers start at 1; "
+                            "expected N@stack with N >= 1", path=path, particle=row + 1)
     return parts[1].to_numpy(dtype=object), index
 
 

@@ -654,7 +654,8 @@ def _pair(ncodes: np.ndarray, numbers: list[str], tcodes: np.ndarray, texts: lis
     """A ``N@text`` column read apart as (text codes + values, number as int64), or, when its numbers
     are not all written as RELION writes them (six digits or more, no extra zeros) and ``keep_number``
     is false, the whole text as codes + values. None if a number is not digits or a value is missing."""
-    if (ncodes < 0).any() or (tcodes < 0).any() or not all(v.isdigit() for v in numbers):
+    if (ncodes < 0).any() or (tcodes < 0).any() or not all(v.isdigit() for v in numbers) \
+            or any(len(v) > 18 and int(v) >= 2**63 for v in numbers):  # beyond int64: left as text, for the caller
         return None
     as_int = np.array([int(v) for v in numbers], dtype=np.int64)
     if keep_number or all(v == str(i).zfill(6) for v, i in zip(numbers, as_int.tolist())):
