@@ -17,7 +17,8 @@ Loops with quotes or comments, and anything else the fast path does not expect, 
 careful way and then made compact, so both ways give the same table.
 
 :func:`write_star` formats whole columns at once (pyarrow) and gives, byte for byte, the text
-``DataFrame.to_csv`` gives (shortest round-trip floats, ``NaN`` as an empty field).
+``DataFrame.to_csv(na_rep="nan")`` gives (shortest round-trip floats, ``NaN`` as ``nan``, as RELION
+writes it; never an empty field, which would shift the columns after it).
 """
 
 from __future__ import annotations
@@ -723,7 +724,7 @@ def _write_rows_csv(f, df: pd.DataFrame) -> None:
     try:
         if not needs_quotes:
             df.to_csv(out, sep=" ", header=False, index=False, lineterminator="\n", quoting=csv.QUOTE_NONE,
-                      quotechar="\x07")
+                      quotechar="\x07", na_rep="nan")
             return
         quoted = df.copy()
         for c in text_cols:
@@ -803,13 +804,15 @@ def _format(col: tuple, a: int, b: int):
         return _format_floats(col[1][a:b])
     if kind == "int":
         return pa.array(col[1][a:b])
-    if kind == "text":
-        return _dictionary(col[1][a:b], col[2])
+    if kind == "text":  # a missing value as nan, as to_csv(na_rep="nan") writes it: never an empty field
+        codes = col[1][a:b]
+        text = _dictionary(codes, col[2])
+        return pc.fill_null(text.cast(pa.string()), "nan") if (codes < 0).any() else text
     if kind == "numbered":
         number = pc.utf8_lpad(pc.cast(pa.array(col[1][a:b]), pa.string()), 6, "0")
         return pc.binary_join_element_wise(number, _dictionary(col[2][a:b], col[3]).cast(pa.string()), "@")
     text = col[1].iloc[a:b].to_frame().to_csv(sep=" ", header=False, index=False, lineterminator="\n",
-                                               quoting=csv.QUOTE_NONE, quotechar="\x07")
+                                               quoting=csv.QUOTE_NONE, quotechar="\x07", na_rep="nan")
     return pa.array(text.split("\n")[:-1], type=pa.string())
 
 
@@ -822,7 +825,7 @@ def _dictionary(codes: np.ndarray, values):
 
 def _format_floats(x: np.ndarray):
     """Shortest round-trip text of float64 values exactly as numpy's ``astype(str)`` (Python's
-    ``repr``) writes them, which is what ``to_csv`` writes, with NaN as an empty field. pyarrow's
+    ``repr``) writes them, which is what ``to_csv`` writes, with NaN as ``nan``. pyarrow's
     shortest digits are the same; it writes integral values without ``.0`` and switches to exponent
     notation at other magnitudes, so those cells are patched."""
     import pyarrow as pa
@@ -843,4 +846,4 @@ def _format_floats(x: np.ndarray):
         text = pc.replace_with_mask(text, mask, pc.binary_join_element_wise(pc.filter(text, mask), ".0", ""))
     if odd.any():
         text = pc.replace_with_mask(text, pa.array(odd), pa.array([repr(v) for v in x[odd].tolist()], type=pa.string()))
-    return pc.fill_null(text, "") if values.null_count else text
+    return pc.fill_null(text, "nan") if values.null_count else text  # an empty field would shift the columns
