@@ -505,6 +505,7 @@ def categorical(values) -> pd.Categorical:
 def from_cs(data: np.ndarray, path: Path) -> Table:
     """Interpret a CryoSPARC particle dataset (0-based indices, radians, pixel shifts)."""
     names = set(data.dtype.names)
+    _check_cs(data, path)
     out: dict[str, object] = {}
     used: set[str] = set()
 
@@ -583,6 +584,33 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
             for i in range(col.shape[1]):
                 out[f"{key}[{i}]"] = np.ascontiguousarray(col[:, i])
     return Table(pd.DataFrame(out, index=pd.RangeIndex(len(data)), copy=False), {"format": "cryosparc", "pose": pose})
+
+
+def _check_cs(data: np.ndarray, path: Path) -> None:
+    """The image fields of a .cs dataset as CryoSPARC writes them, or one error naming the field (and
+    the particle, 1-based, for a bad value): a wrong index would silently give another particle's image."""
+    names = set(data.dtype.names)
+    if "blob/path" in names:
+        f = data.dtype.fields["blob/path"][0]
+        if f.kind != "S" or f.shape != ():
+            raise ParticleError(f"field blob/path holds {f}; expected bytes (one fixed-width UTF-8 path per "
+                                "particle)", path=path)
+        if "blob/idx" not in names:
+            raise ParticleError("field blob/path is given without blob/idx; expected both", path=path)
+    if "blob/idx" in names:
+        f = data.dtype.fields["blob/idx"][0]
+        if f.shape != ():
+            raise ParticleError(f"field blob/idx has shape {f.shape} per particle; expected one integer per "
+                                "particle", path=path)
+        if f.kind not in "iu":
+            raise ParticleError(f"field blob/idx holds {f}; expected an integer (0-based image index)", path=path)
+        if f.kind == "i":
+            idx = data["blob/idx"]
+            bad = idx < 0
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ParticleError(f"blob/idx is {int(idx[row])}; expected a 0-based image index >= 0", path=path,
+                                    particle=row + 1)
 
 
 def _decoded(values: np.ndarray) -> pd.Categorical:
