@@ -159,8 +159,8 @@ def check_star(path: Path) -> None:
         elif kind == "row":
             seen["row"] = number
             if len(values) != len(labels):
-                raise ParticleError(f"data_{block} row has {len(values)} values: expected {len(labels)} fields "
-                                    f"(one per label), got {len(values)}", path=path, line=number)
+                raise ParticleError(f"data_{block} row: expected {len(labels)} fields (one per label), got "
+                                    f"{len(values)}", path=path, line=number)
     if len(particles) > 1:
         raise ParticleError(f"file holds {len(particles)} data_particles blocks; expected one (they open on "
                             f"lines {', '.join(map(str, particles))}; RELION would read only the first)", path=path)
