@@ -502,6 +502,34 @@ def categorical(values) -> pd.Categorical:
 # CryoSPARC .cs
 # ---------------------------------------------------------------------------------------------
 
+def float32_decimal(values: np.ndarray) -> np.ndarray:
+    """float32 values as the float64 of their shortest decimal (what ``str(np.float32(x))`` shows), so
+    a STAR file written from a ``.cs`` says ``2.7``, not ``2.700000047683716``; converting back to
+    float32 gives the same bits. Vectorised: one pass per significant digit, nine at most.
+
+    >>> float32_decimal(np.float32([2.7, 0.07, 15301.1, -1.31e-5, 0.0])).tolist()
+    [2.7, 0.07, 15301.1, -1.31e-05, 0.0]
+    """
+    x = np.asarray(values)
+    if x.dtype != np.float32:
+        return x.astype(np.float64)
+    out = x.astype(np.float64)
+    todo = np.isfinite(out) & (out != 0)
+    mag = np.zeros(out.shape)
+    mag[todo] = np.floor(np.log10(np.abs(out[todo])))
+    for digits in range(1, 10):
+        idx = np.flatnonzero(todo)
+        if not len(idx):
+            break
+        e = digits - 1 - mag[idx]  # decimal places kept
+        up = 10.0 ** np.abs(e)  # exact powers of ten: multiply or divide by them, never by 10**-k
+        cand = np.where(e >= 0, np.round(out[idx] * up) / up, np.round(out[idx] / up) * up)
+        ok = cand.astype(np.float32) == x[idx]
+        out[idx[ok]] = cand[ok]
+        todo[idx[ok]] = False
+    return out
+
+
 def from_cs(data: np.ndarray, path: Path) -> Table:
     """Interpret a CryoSPARC particle dataset (0-based indices, radians, pixel shifts)."""
     names = set(data.dtype.names)
@@ -528,14 +556,14 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
             raise ParticleError(f"blob/shape {tuple(shape[row])} is not square", path=path, particle=row + 1)
         out["box"] = _same_or(shape[:, 0].astype(np.int64))
     if "blob/psize_A" in names:
-        out["pixel_size"] = _same_or(take("blob/psize_A").astype(np.float64))
+        out["pixel_size"] = _same_or(float32_decimal(take("blob/psize_A")))
     if "blob/sign" in names:
-        out["sign"] = _same_or(take("blob/sign").astype(np.float64))
+        out["sign"] = _same_or(float32_decimal(take("blob/sign")))
     simple = {"ctf/accel_kv": "voltage", "ctf/cs_mm": "cs", "ctf/amp_contrast": "amp_contrast",
               "ctf/df1_A": "defocus_u", "ctf/df2_A": "defocus_v", "mscope_params/total_dose_e_per_A2": "dose"}
     for f, name in simple.items():
         if f in names:
-            out[name] = take(f).astype(np.float64)
+            out[name] = float32_decimal(take(f))
             if name in ("voltage", "cs", "amp_contrast", "dose"):
                 out[name] = _same_or(out[name])
     for f, name in {"ctf/df_angle_rad": "defocus_angle", "ctf/phase_shift_rad": "phase_shift"}.items():

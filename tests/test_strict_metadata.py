@@ -227,3 +227,15 @@ def test_good_files_still_open(tmp_path):
     assert ds["image_index"].values.tolist() == [0, 1, 2, 3]
     ds = dparticles.open_particles(cs_file(tmp_path))
     assert ds["image_index"].values.tolist() == [0, 1, 2, 3]
+
+
+def test_star_written_from_a_cs_shows_float32_values_as_they_are(real, tmp_path):
+    """A STAR file made from a .cs says 2.7, not 2.700000047683716, and the .cs written back holds the
+    same float32 bits as the input."""
+    src = real / "cryodrgn/empiar_10076_7/empiar_10076_7.cs"
+    dparticles.restack(src, tmp_path / "out", batch_size=100, cluster={"n_workers": 1}, log=lambda *_: None)
+    text = (tmp_path / "out" / "particles.star").read_text()
+    assert " 2.7 " in text and "2.700000047683716" not in text and "0.07000000029802322" not in text
+    before, after = np.load(src), np.load(tmp_path / "out" / "particles.cs")
+    for name in ("ctf/cs_mm", "ctf/amp_contrast", "ctf/df1_A", "ctf/df2_A", "blob/psize_A"):
+        assert after[name].tobytes() == before[name].tobytes(), name
