@@ -817,7 +817,7 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
             batch = finished.next_batch(block=False)  # no per-future loop: cost grows with completions only
             done += len(batch)
             if bar is not None and batch:
-                bar.update(len(batch) * ((nbytes or n) / max(n, 1)))
+                bar.update((nbytes or n) * done / max(n, 1) - bar.n)  # tasks differ in size: share evenly
                 bar.set_postfix_str(f"{done}/{n} tasks", refresh=False)
             now = time.monotonic()
             if now - last_sample >= 1.0 or done == n:   # one scheduler round trip per second at most
