@@ -33,6 +33,7 @@ MICROGRAPH_PIXEL_SIZE = ("star_optics:rlnMicrographPixelSize", "star:rlnMicrogra
                          "cs:location.micrograph_psize_A", "star_optics:rlnMicrographOriginalPixelSize",
                          "star:rlnMicrographOriginalPixelSize")
 _LISTS = (list, tuple, np.ndarray)
+MAX_UPSAMPLING = 4  # Fourier boxes beyond this many times the box are refused as typos
 
 
 def crop(ds: xr.Dataset, box: int) -> xr.Dataset:
@@ -160,7 +161,12 @@ def _output_boxes(fourier_box, pixel_size, c: int, psize: np.ndarray) -> list[in
         values = list(fourier_box) if isinstance(fourier_box, _LISTS) else [fourier_box]
         if not values:
             raise ParticleError("give at least one Fourier box, got an empty list")
-        return [_check_box(b, "Fourier box") for b in values]
+        boxes = [_check_box(b, "Fourier box") for b in values]
+        for b in boxes:  # a typo such as 200000 would ask every task for 160 GB per image
+            if b > MAX_UPSAMPLING * c:
+                raise ParticleError(f"Fourier box {b} is more than {MAX_UPSAMPLING} times the box {c}; expected a "
+                                    "box near or below it (Fourier padding adds no information)")
+        return boxes
     if pixel_size is None:
         return [c]
     targets = list(pixel_size) if isinstance(pixel_size, _LISTS) else [pixel_size]

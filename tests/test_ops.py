@@ -314,3 +314,10 @@ def test_several_sizes_run_the_kernel_once_per_chunk(real, monkeypatch):
     a["images"].data.compute(scheduler="sync")  # computed apart, each size pays its own pass
     b["images"].data.compute(scheduler="sync")
     assert len(calls) == 12
+
+
+def test_a_huge_fourier_box_is_refused_before_any_graph(particle_set):
+    star, _ = particle_set
+    ds = open_particles(star)
+    with pytest.raises(ParticleError, match="more than 4 times the box 16"):
+        ops.downsample(ds, fourier_box=200000)
