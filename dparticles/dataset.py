@@ -166,14 +166,7 @@ def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks
     if len(np.unique(stack_box)) > 1:
         _mixed_boxes(p, stack_box, stack_ids, infos, path)
     box = int(stack_box[0])
-    if "box" in p:
-        stated = p["box"].to_numpy()
-        wrong = stated != box
-        if wrong.any():
-            row = int(np.flatnonzero(wrong)[0])
-            raise ParticleError(f"the metadata gives box {stated[row]} but the stack "
-                                f"{infos[stack_ids[row]].path} holds {box}x{box} images",
-                                path=path, particle=row + 1)
+    _check_stated_box(p, np.broadcast_to(np.int64(box), len(p)), stack_ids, infos, path)
     if chunks is None:
         chunks = max(1, CHUNK_BYTES // infos[0].image_bytes)
     images = lazy_images(infos, stack_ids, indices, chunks)
@@ -188,6 +181,18 @@ def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks
     return ds
 
 
+def _check_stated_box(p: pd.DataFrame, box: np.ndarray, stack_ids: np.ndarray, infos, path: Path) -> None:
+    """The box the metadata states for each particle (if any) must be its stack's."""
+    if "box" in p:
+        stated = p["box"].to_numpy()
+        wrong = stated != box
+        if wrong.any():
+            row = int(np.flatnonzero(wrong)[0])
+            raise ParticleError(f"the metadata gives box {stated[row]} but the stack "
+                                f"{infos[stack_ids[row]].path} holds {box[row]}x{box[row]} images",
+                                path=path, particle=row + 1)
+
+
 def _mixed_boxes(p: pd.DataFrame, stack_box: np.ndarray, stack_ids: np.ndarray, infos, path: Path) -> None:
     """Stacks of several box sizes: name the particle that shows it (always raises)."""
     box = stack_box[stack_ids]
@@ -199,14 +204,7 @@ def _mixed_boxes(p: pd.DataFrame, stack_box: np.ndarray, stack_ids: np.ndarray, 
             raise ParticleError(f"optics group {g} mixes box sizes {sizes.tolist()}; expected one box per "
                                 f"optics group (this particle is in {infos[stack_ids[row]].path})",
                                 path=path, particle=row + 1)
-    if "box" in p:
-        stated = p["box"].to_numpy()
-        wrong = stated != box
-        if wrong.any():
-            row = int(np.flatnonzero(wrong)[0])
-            raise ParticleError(f"the metadata gives box {stated[row]} but the stack "
-                                f"{infos[stack_ids[row]].path} holds {box[row]}x{box[row]} images",
-                                path=path, particle=row + 1)
+    _check_stated_box(p, box, stack_ids, infos, path)
     raise ParticleError(f"optics groups have different box sizes {np.unique(box).tolist()}; a particle "
                         "stack holds one box size (select one optics group first)", path=path)
 
