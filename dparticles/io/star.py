@@ -43,7 +43,7 @@ from dparticles.errors import ParticleError
 AS_STRING = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName"]  # text even when they look numeric
 NUMBERED = ("rlnImageName",)
 NUMBER = "@number"
-PIECE_BYTES = 8 * 2**20  # lines parsed per task; a few pieces per thread are in memory at once
+PIECE_BYTES = 4 * 2**20  # lines parsed per task; a few pieces per thread are in memory at once
 WRITE_ROWS = 200_000  # rows formatted per task when writing
 _NA = ["nan", "NaN", "<NA>"]
 
