@@ -19,6 +19,7 @@ line out); the benchmark scripts call it, it is not meant to be run by hand.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -30,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from dparticles.planning import split_runs
 
 BOX = 256
 PER_STACK = 160
@@ -74,10 +73,13 @@ class ParticleSet:
         return [(s, np.sort(rng.choice(self.per_stack, k, replace=False))) for s in range(self.n_stacks)]
 
 
-def particle_set(data: Path, gb: float) -> ParticleSet:
-    """The set of about ``gb`` GB (1e9 bytes) of images under ``data``, generated if missing."""
-    n_stacks = max(2, round(gb * 1e9 / (PER_STACK * IMAGE_BYTES)))
-    ps = ParticleSet(data.resolve() / f"set_{n_stacks}x{PER_STACK}_{BOX}", n_stacks, PER_STACK)
+def particle_set(data: Path, gb: float | None = None, *, n_stacks: int | None = None,
+                 per_stack: int = PER_STACK) -> ParticleSet:
+    """The set of about ``gb`` GB (1e9 bytes) of images, or of ``n_stacks`` stacks of ``per_stack``
+    images, under ``data``, generated if missing."""
+    if n_stacks is None:
+        n_stacks = max(2, round(gb * 1e9 / (per_stack * IMAGE_BYTES)))
+    ps = ParticleSet(data.resolve() / f"set_{n_stacks}x{per_stack}_{BOX}", n_stacks, per_stack)
     done = ps.root / "complete"
     if done.exists():
         return ps
@@ -87,9 +89,9 @@ def particle_set(data: Path, gb: float) -> ParticleSet:
 
     (ps.root / "Extract").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    header = stack_header(PER_STACK, BOX, np.dtype("<f4"), PIXEL_SIZE, "dparticles benchmark")
+    header = stack_header(per_stack, BOX, np.dtype("<f4"), PIXEL_SIZE, "dparticles benchmark")
     for name in ps.stacks:
-        images = rng.standard_normal((PER_STACK, BOX, BOX), dtype=np.float32)
+        images = rng.standard_normal((per_stack, BOX, BOX), dtype=np.float32)
         images += 0.5 * np.sin(np.arange(BOX, dtype=np.float32) / 7.0)  # some structure
         with open(ps.root / name, "wb") as f:
             f.write(header)
@@ -159,15 +161,23 @@ def _cpu_busy(seconds: float = 0.5) -> float:
     return 1.0 - (i1 - i0) / max(t1 - t0, 1)
 
 
-def wait_quiet(limit: float = 30.0, busy: float = 0.15) -> None:
-    """Wait (up to ``limit`` s) until other processes leave the CPUs nearly idle, so that they do
-    not distort a timed run; say so when they do not."""
+QUIET_LIMIT = 30.0  # seconds wait_quiet waits at most (a script may lower it)
+BUSY_RUNS: list[float] = []  # CPU busy fraction before each timed run that started on a busy machine
+
+
+def wait_quiet(limit: float | None = None, busy: float = 0.15) -> bool:
+    """Wait (up to ``limit`` s, default ``QUIET_LIMIT``) until other processes leave the CPUs nearly
+    idle, so that they do not distort a timed run; say so when they do not (and return False)."""
+    limit = QUIET_LIMIT if limit is None else limit
     t0 = time.monotonic()
     while _cpu_busy() > busy:
         if time.monotonic() - t0 > limit:
-            print(f"  note: the machine is busy ({_cpu_busy():.0%} CPU) with other work; timings may be slower",
+            load = _cpu_busy()
+            BUSY_RUNS.append(load)
+            print(f"  note: the machine is busy ({load:.0%} CPU) with other work; timings may be slower",
                   flush=True)
-            return
+            return False
+    return True
 
 
 def prepare(cold: bool) -> None:
@@ -181,6 +191,9 @@ def prepare(cold: bool) -> None:
             raise SystemExit(f"cannot drop the page cache ({exc}); run as root or without --cold") from None
 
 
+LAST_CPU = 0.0  # CPU seconds (user + system) of the last run_timed process and its waited-for children
+
+
 def run_timed(cmd: list[str], *, cwd: Path | None = None, cold: bool = False) -> tuple[float, int, str, float]:
     """Run ``cmd`` under /usr/bin/time: (wall seconds, peak RSS in bytes of the process and its
     waited-for children, stdout, seconds of the ``sync`` right after it). The caller removes
@@ -188,7 +201,7 @@ def run_timed(cmd: list[str], *, cwd: Path | None = None, cold: bool = False) ->
     prepare(cold)
     stats = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-time-{os.getpid()}.txt"
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(stats), *cmd], cwd=cwd, text=True,
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(stats), *cmd], cwd=cwd, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -196,9 +209,11 @@ def run_timed(cmd: list[str], *, cwd: Path | None = None, cold: bool = False) ->
     t0 = time.perf_counter()
     os.sync()
     synced = time.perf_counter() - t0
-    peak_kib = int(stats.read_text().split()[-1])
+    peak_kib, user, system = stats.read_text().split()[-3:]
     stats.unlink()
-    return wall, peak_kib * 1024, proc.stdout, synced
+    global LAST_CPU
+    LAST_CPU = float(user) + float(system)
+    return wall, int(peak_kib) * 1024, proc.stdout, synced
 
 
 def runner(*args: str) -> list[str]:
@@ -285,6 +300,23 @@ def _runs(star: Path) -> list[tuple[str, int, int]]:
     return [tuple(r) for r in runs]
 
 
+def split_runs(runs: list[tuple], max_images: int) -> list[list[tuple]]:
+    """Runs ``(stack, start, stop)`` cut into consecutive groups of at most ``max_images`` images, in
+    order: the output files of a job with that batch size (file k holds particles k*N to (k+1)*N)."""
+    groups: list[list[tuple]] = [[]]
+    room = max_images
+    for stack, start, stop in runs:
+        while start < stop:
+            if room == 0:
+                groups.append([])
+                room = max_images
+            take = min(room, stop - start)
+            groups[-1].append((stack, start, start + take))
+            start += take
+            room -= take
+    return [g for g in groups if g]
+
+
 def copy_loop(star: Path, out: Path, batch: int, fsync: bool) -> dict:
     """Reference: the particles' bytes moved with os.copy_file_range, one output file per batch
     (header from dparticles' stack_header, so the files are valid stacks like dparticles')."""
@@ -318,7 +350,8 @@ def copy_loop(star: Path, out: Path, batch: int, fsync: bool) -> dict:
 
 
 def fft_loop(star: Path, out: Path, box: int, lowpass: float | None, recenter: bool, threads: int) -> dict:
-    """Reference: per stack, read with numpy, rfft2 (ducc0), crop the spectrum, irfft2, write float32.
+    """Reference: per stack, read its particles in use into one array, rfft2 (ducc0), crop the
+    spectrum, irfft2, write float32 (one output file per source stack).
 
     With lowpass or recentring the spectrum goes through ``dparticles.kernels.downsample``
     (the same ducc0 calls plus the filter and phase ramp), still one stack at a time.
@@ -334,10 +367,19 @@ def fft_loop(star: Path, out: Path, box: int, lowpass: float | None, recenter: b
     t0 = time.perf_counter()
     top, bottom, cols = box // 2 + 1, box // 2 - 1, box // 2 + 1
     row = 0
-    for path, a, b in runs:  # one run per stack for all.star
-        with open(path, "rb") as f:
-            f.seek(1024 + a * IMAGE_BYTES)
-            images = np.fromfile(f, dtype="<f4", count=(b - a) * BOX * BOX).reshape(-1, BOX, BOX)
+    for path, group in itertools.groupby(runs, key=lambda r: r[0]):  # one output file per source stack
+        group = list(group)  # one run per stack for all.star; several for a selection
+        images = np.empty((sum(b - a for _, a, b in group), BOX, BOX), dtype="<f4")
+        with open(path, "rb", buffering=0) as f:
+            k = 0
+            for _, a, b in group:
+                view, pos = memoryview(images[k:k + b - a]).cast("B"), 1024 + a * IMAGE_BYTES
+                while view:  # os.preadv may return fewer bytes than asked
+                    got = os.preadv(f.fileno(), [view], pos)
+                    if not got:
+                        raise SystemExit(f"{path}: shorter than its header says")
+                    view, pos = view[got:], pos + got
+                k += b - a
         if lowpass is None and shifts is None:
             spec = ducc0.fft.r2c(images, axes=(1, 2), nthreads=threads)
             crop = np.concatenate([spec[:, :top, :cols], spec[:, BOX - bottom:, :cols]], axis=1)
@@ -346,11 +388,11 @@ def fft_loop(star: Path, out: Path, box: int, lowpass: float | None, recenter: b
                                   allow_overwriting_input=True)
         else:
             small = kernels.downsample(images, [box], pixel_size=PIXEL_SIZE, lowpass=lowpass, threads=threads,
-                                       shifts=None if shifts is None else shifts[row:row + b - a])[0]
+                                       shifts=None if shifts is None else shifts[row:row + len(images)])[0]
         with open(out / Path(path).name, "wb") as f:
             f.write(stack_header(len(small), box, np.dtype("<f4"), PIXEL_SIZE * BOX / box, "fft loop"))
             f.write(small.astype("<f4", copy=False).data)
-        row += b - a
+        row += len(images)
     return {"seconds": time.perf_counter() - t0, "n": row}
 
 
@@ -360,16 +402,12 @@ def _origins(star: Path) -> np.ndarray:
     return np.array([[float(r[10]), float(r[11])] for r in rows])
 
 
-def _set_piece_bytes(n: int) -> None:
-    import dparticles.writer
-
-    dparticles.writer.PIECE_BYTES = n
-
-
 def api(job: str, star: Path, out: Path, options: dict, cluster: dict, piece_mb: float | None = None) -> dict:
     """dparticles through its Python API with an embedded LocalCluster: total wall time (cluster
     start-up included), task time, workers' peak (ru_maxrss) and this client process's peak."""
     import resource
+
+    import dask
 
     import dparticles
 
@@ -379,14 +417,9 @@ def api(job: str, star: Path, out: Path, options: dict, cluster: dict, piece_mb:
         print(f"{time.perf_counter() - t0:7.2f} s  {line}", file=sys.stderr, flush=True)
 
     fn = dparticles.restack if job == "restack" else dparticles.downsample
-    if piece_mb is None:
+    knobs = {} if piece_mb is None else {"dparticles.piece-bytes": int(piece_mb * 2**20)}
+    with dask.config.set(knobs):  # an A/B knob: read by the client when it plans the pieces of a copy
         result = fn(star, out, overwrite=True, cluster=cluster, log=log, **options)
-    else:  # an A/B knob: the job runs on this (active) client, whose workers use other pieces
-        from dparticles.cluster import cluster_client
-
-        with cluster_client(**cluster, log=log) as client:
-            client.run(_set_piece_bytes, int(piece_mb * 2**20))
-            result = fn(star, out, overwrite=True, log=log, **options)
     log("done")
     total = time.perf_counter() - t0
     summary = (result[0] if isinstance(result, list) else result).summary
@@ -408,7 +441,7 @@ def _main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--options", default="{}", help="JSON keywords for the API call")
     p.add_argument("--cluster", default="{}", help="JSON cluster_client keywords")
-    p.add_argument("--piece-mb", type=float, help="the workers' writer.PIECE_BYTES, in MiB (A/B runs only)")
+    p.add_argument("--piece-mb", type=float, help="dparticles.piece-bytes (largest piece of a copy), in MiB")
     a = p.parse_args()
     if a.what == "copy-loop":
         report = copy_loop(a.star, a.out, a.batch, a.fsync)
