@@ -102,7 +102,8 @@ def downsample(ds: xr.Dataset, *, crop_box: int | None = None, fourier_box: int 
         On a bad argument, before any graph is built.
     """
     if fourier_box is not None and pixel_size is not None:
-        raise ParticleError("give --fourier-box or --pixel-size, not both")
+        raise ParticleError("give a Fourier box or a target pixel size (--fourier-box or --approx-pixel-size), "
+                            "not both")
     many = isinstance(fourier_box, _LISTS) or isinstance(pixel_size, _LISTS)
     if "images" not in ds or "pixel_size" not in ds.coords:
         raise ParticleError("the dataset has no images or no pixel size (opened with ignore_raw?)",
@@ -166,7 +167,7 @@ def _output_boxes(fourier_box, pixel_size, c: int, psize: np.ndarray) -> list[in
             if b > MAX_UPSAMPLING * c:
                 raise ParticleError(f"Fourier box {b} is more than {MAX_UPSAMPLING} times the box {c}; expected a "
                                     "box near or below it (Fourier padding adds no information)")
-        return boxes
+        return _once(boxes, None)
     if pixel_size is None:
         return [c]
     targets = list(pixel_size) if isinstance(pixel_size, _LISTS) else [pixel_size]
@@ -183,6 +184,16 @@ def _output_boxes(fourier_box, pixel_size, c: int, psize: np.ndarray) -> list[in
                                 f"{per_group} for {target} Å; downsample each optics group on its own, or give "
                                 "--fourier-box")
         boxes.append(per_group[0])
+    return _once(boxes, pixel_size)
+
+
+def _once(boxes: list[int], pixel_size) -> list[int]:
+    """``boxes`` if no box is asked for twice (each size is one output folder), else refused."""
+    twice = sorted({b for b in boxes if boxes.count(b) > 1})
+    if twice:
+        how = " (target pixel sizes " + ", ".join(f"{t:g}" for t in pixel_size) + " Å give the same box)" \
+            if pixel_size is not None else ""
+        raise ParticleError(f"box {twice[0]} is asked for twice{how}; give each output size once")
     return boxes
 
 

@@ -234,6 +234,7 @@ ERRORS = [
     (lambda ds: ops.fourier_crop(ds, 0), "Fourier box must be a whole number of pixels of at least 2, got 0"),
     (lambda ds: ops.fourier_crop(ds, [8, 7.5]), "got 7.5"),
     (lambda ds: ops.fourier_crop(ds, []), "empty list"),
+    (lambda ds: ops.fourier_crop(ds, [8, 10, 8]), "box 8 is asked for twice; give each output size once"),
     (lambda ds: ops.fourier_crop(ds), "give a Fourier box or a target pixel size"),
     (lambda ds: ops.fourier_crop(ds, 8, pixel_size=2.0), "not both"),
     (lambda ds: ops.fourier_crop(ds, pixel_size=0), "target pixel size must be greater than 0 Å, got 0"),
