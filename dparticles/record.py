@@ -1,11 +1,13 @@
 """The record of a run kept in its output folder, as RELION keeps ``note.txt`` and CryoSPARC ``job.json``:
 what ran (command line, version, parameters), on what (inputs and their sizes), when, where (the
-cluster), what came out (counts, notes, warnings) and what it cost. The dask performance report of
-the run is kept beside it as ``report.html``, so the dashboard's view outlives the job."""
+cluster), what came out (counts, notes, warnings) and what it cost. ``report.html`` beside it is the
+dask performance report of the run, so the dashboard's view outlives the job; a job that runs no dask
+tasks (import) keeps :func:`record_report` there instead, the same record as a page."""
 
 from __future__ import annotations
 
 import datetime
+import html
 import os
 import shlex
 import sys
@@ -56,6 +58,36 @@ def write_run_record(out: Path, record: dict, report: str | None = None) -> None
     atomic_write(out / NOTE_FILE, lambda tmp: tmp.write_text(note))
     if report is not None:
         atomic_write(out / REPORT_FILE, lambda tmp: tmp.write_text(report))
+
+
+def record_report(record: dict) -> str:
+    """A run record as a small self-contained HTML page: what ran, on what, when and what came out,
+    notes first. For jobs that run no dask tasks, which have no performance report to keep."""
+    plain = _plain(record)
+    notes = plain.get("notes") or []
+    title = f"dparticles {plain.get('job', 'run')}: {plain.get('particles', '?')} particles"
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left;vertical-align:top}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>",
+             "<p>This job runs no dask tasks, so there is no performance report: this page is the run's record "
+             f"(also in {JOB_FILE}).</p>"]
+    if notes:
+        parts.append("<h2>Notes and warnings</h2><ul>" + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes)
+                     + "</ul>")
+    parts.append("<h2>Run</h2>" + _html_table({k: v for k, v in plain.items() if k != "notes"}))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _html_table(value) -> str:
+    """Nested dicts and lists of a JSON-ready record as HTML tables, every text escaped."""
+    if isinstance(value, dict):
+        rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_html_table(v)}</td></tr>" for k, v in value.items())
+        return f"<table>{rows}</table>"
+    if isinstance(value, list):
+        return "<br>".join(_html_table(v) for v in value) if value else "none"
+    return "none" if value is None else html.escape(str(value))
 
 
 def _plain(value):

@@ -1,5 +1,6 @@
 """Every output folder keeps a record of its run: job.json (what, on what, when, where, results),
-a RELION-style note.txt with the command line, and dask's performance report (report.html)."""
+a RELION-style note.txt with the command line, and report.html: dask's performance report, or for the
+import, which runs no dask tasks, the record itself as a page."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from helpers import simple_set
 
 import dparticles
+from dparticles.record import record_report
 
 
 def _run_cli(*args, cwd) -> subprocess.CompletedProcess:
@@ -51,7 +53,7 @@ def test_python_runs_record_their_parameters(tmp_path):
     assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
 
 
-def test_import_leaves_job_json_and_note(tmp_path):
+def test_import_leaves_job_json_note_and_its_own_report(tmp_path):
     star, _ = simple_set(tmp_path / "project")
     done = _run_cli("import", star, "--out", "Import/job001", "--voltage", "200", cwd=tmp_path / "project")
     assert done.returncode == 0, done.stderr
@@ -59,3 +61,19 @@ def test_import_leaves_job_json_and_note(tmp_path):
     record = json.loads((out / "job.json").read_text())
     assert record["job"] == "import" and record["parameters"]["voltage"] == 200.0 and record["particles"] == 12
     assert record["stacks_linked"] == 2 and "dparticles import" in (out / "note.txt").read_text()
+    report = (out / "report.html").read_text()
+    assert report == record_report(record)  # the record as a page: nothing but what job.json says
+    assert "<html" in report and "no performance report" in report
+    for text in ("dparticles import: 12 particles", record["command"], str(star.resolve()), ">stacks_linked<",
+                 ">200.0<", record["started"]):
+        assert text in report, text
+
+
+def test_record_report_escapes_and_puts_notes_first():
+    record = {"job": "import", "particles": 3, "command": "dparticles import '<a>&b.star'",
+              "inputs": {"metadata": "/x/<a>&b.star", "stacks": 1, "first_stacks": ["/x/s.mrcs"]},
+              "parameters": {"exposures": None, "trim_prefix": ""}, "notes": ["micrograph <m> not found"]}
+    page = record_report(record)
+    assert "<a>" not in page and "&lt;a&gt;&amp;b.star" in page and "micrograph &lt;m&gt; not found" in page
+    assert page.index("Notes and warnings") < page.index("<h2>Run</h2>") and "/x/s.mrcs" in page
+    assert "Notes and warnings" not in record_report(dict(record, notes=[]))

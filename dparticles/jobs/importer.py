@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +15,13 @@ from dask.base import tokenize
 
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
+from dparticles.io.cs import import_signatures
+from dparticles.io.mrc import read_info
 from dparticles.io.star import read_star
 from dparticles import __version__
 from dparticles.output import hold_outputs, prepare_output, project_path, write_metadata
-from dparticles.record import command_line, inputs, now, write_run_record
+from dparticles.record import command_line, inputs, now, record_report, write_run_record
+from dparticles.stack import resolve_stacks, search_roots
 
 EXPOSURE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".eer", ".mrc.bz2")
 
@@ -30,12 +33,13 @@ class ImportResult:
     n_stacks: int
     exposures_matched: int | None
     exposures_unmatched: int | None
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = f"imported {self.n_particles} particles from {self.n_stacks} stacks into {self.out}"
         if self.exposures_matched is not None:
             text += f"; {self.exposures_matched} particles linked to exposures, {self.exposures_unmatched} unmatched"
-        return text
+        return "\n".join([text, *(f"note: {n}" for n in self.notes)])
 
 
 @hold_outputs
@@ -61,16 +65,93 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
         n_stacks = len(links)
         paths = np.array([links[p] for p in ds["stack_path"].values], dtype=object)[ds["stack_id"].values]
         indices = ds["image_index"].values
-    write_metadata(out_dir, ds, paths, indices, cs=True)
-    result = ImportResult(Path(out), ds.sizes["particle"], n_stacks, matched, unmatched)
-    write_run_record(out_dir, {  # no dask tasks run here, so there is no performance report
-        "job": "import", "command": command_line(), "version": __version__,
-        "parameters": {"source": str(source), "exposures": exposures, "trim_prefix": trim_prefix,
-                       "trim_suffix": trim_suffix, "keep_unmatched": keep_unmatched, "project_dir": project,
-                       **open_options},
-        "inputs": inputs(ds), "started": started, "ended": now(), "seconds": round(time.monotonic() - t0, 3),
-        "particles": result.n_particles, "stacks_linked": n_stacks, "matched": matched, "unmatched": unmatched})
+    fields, notes = cryosparc_import_fields(ds, open_options.get("data_dir")) \
+        if str(ds.attrs.get("format", "")).startswith("relion") else ({}, [])
+    write_metadata(out_dir, ds, paths, indices, cs=True, updates=fields)
+    result = ImportResult(Path(out), ds.sizes["particle"], n_stacks, matched, unmatched, notes)
+    record = {"job": "import", "command": command_line(), "version": __version__,
+              "parameters": {"source": str(source), "exposures": exposures, "trim_prefix": trim_prefix,
+                             "trim_suffix": trim_suffix, "keep_unmatched": keep_unmatched, "project_dir": project,
+                             **open_options},
+              "inputs": inputs(ds), "started": started, "ended": now(), "seconds": round(time.monotonic() - t0, 3),
+              "particles": result.n_particles, "stacks_linked": n_stacks, "matched": matched,
+              "unmatched": unmatched, "cs_fields_added": sorted(f.split(":", 1)[1].replace(".", "/")
+                                                               for f in fields if f.startswith("cs:")),
+              "notes": notes}
+    # no dask tasks run here, so the report is the record itself, not a performance report
+    write_run_record(out_dir, record, report=record_report(record))
     return result
+
+
+def cryosparc_import_fields(ds: xr.Dataset, data_dir: str | os.PathLike | None) -> tuple[dict, list[str]]:
+    """What CryoSPARC's Import Particle Stack writes beyond the fields a STAR file names directly, as
+    columns for the ``.cs`` writer (``cs:`` fields, ``micrograph_ny``/``micrograph_nx``, from which it
+    writes ``location/micrograph_shape`` and the centre fractions), and notes on what could not be
+    filled and why. Unknowns take the value CryoSPARC's own import gives them (README, "Import")."""
+    n = ds.sizes["particle"]
+
+    def same(value, dtype) -> np.ndarray:  # one value for every particle, in no memory
+        return np.broadcast_to(np.asarray(value, dtype=dtype), (n,))
+
+    def star(label: str, default: float) -> np.ndarray:
+        for name in (f"star:{label}", f"star_optics:{label}"):
+            if name in ds.coords:
+                return ds[name].values.astype(np.float32)
+        return same(default, np.float32)
+
+    cols: dict[str, object] = {}
+    if "stack_path" in ds.coords:  # each particle signed by the stack it is imported from (the link's target)
+        sigs = import_signatures([str(Path(p).resolve()) for p in ds["stack_path"].values.astype(str)])
+        cols["cs:blob.import_sig"] = sigs[ds["stack_id"].values]
+    cols["cs:ctf.type"] = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=["imported"])
+    if "phase_shift" not in ds.coords:
+        cols["cs:ctf.phase_shift_rad"] = same(0.0, np.float32)
+    cols["cs:ctf.scale"] = star("rlnCtfScalefactor", 1.0)
+    cols["cs:ctf.scale_const"] = same(0.0, np.float32)
+    cols["cs:ctf.bfactor"] = star("rlnCtfBfactor", 0.0)
+    # higher-order aberrations: RELION's and CryoSPARC's are not convertible; CryoSPARC's import writes zeros
+    for name, size in (("shift_A", 2), ("tilt_A", 2), ("trefoil_A", 2), ("tetra_A", 4), ("anisomag", 4)):
+        for i in range(size):
+            cols[f"cs:ctf.{name}[{i}]"] = same(0.0, np.float32)
+    notes: list[str] = []
+    mic = "exposure" if "exposure" in ds.coords else "micrograph"
+    if mic not in ds.coords:
+        return cols, notes
+    codes, uniques = pd.factorize(ds[mic].values)
+    uids = np.append(import_signatures([str(u) for u in uniques]), np.uint64(0))  # code -1 (no name): 0
+    cols["cs:location.micrograph_uid"] = uids[codes]
+    cols["cs:location.exp_group_id"] = (ds["optics_group"].values.astype(np.int64) - 1).astype(np.uint32)
+    if "star_optics:rlnMicrographPixelSize" in ds.coords or "star:rlnMicrographPixelSize" in ds.coords:
+        cols["cs:location.micrograph_psize_A"] = star("rlnMicrographPixelSize", np.nan)
+    if {"micrograph", "coord_x", "coord_y"} <= set(ds.coords):
+        codes, uniques = pd.factorize(ds["micrograph"].values)
+        shapes, problem = _micrograph_shapes([str(u) for u in uniques], Path(ds.attrs["source"]), data_dir)
+        if problem is None and (codes >= 0).all():
+            cols["micrograph_ny"], cols["micrograph_nx"] = shapes[codes, 0], shapes[codes, 1]
+        else:
+            notes.append("particles.cs has no location/micrograph_shape, location/center_x_frac or "
+                         f"location/center_y_frac: {problem or 'some particles name no micrograph'}; "
+                         "particles.star keeps rlnCoordinateX/Y")
+    return cols, notes
+
+
+def _micrograph_shapes(names: list[str], metadata: Path,
+                       data_dir: str | os.PathLike | None) -> tuple[np.ndarray, str | None]:
+    """(ny, nx) of each micrograph from its MRC header, looked for as stacks are; or why not all could
+    be read (how many failed, and the first one's reason)."""
+    roots = search_roots(metadata, data_dir)
+    shapes = np.zeros((len(names), 2), dtype=np.int64)
+    failed: list[str] = []
+    for k, name in enumerate(names):
+        try:
+            info = read_info(resolve_stacks([name], roots, metadata)[0])
+            shapes[k] = info.ny, info.nx
+        except ParticleError as exc:
+            reason = "not found beside the metadata or in its parent folders" if "not found" in str(exc) else exc
+            failed.append(f"{name!r}: {reason}")
+    if failed:
+        return shapes, f"{len(failed)} of {len(names)} micrographs could not be read (first {failed[0]})"
+    return shapes, None
 
 
 def _link_stacks(ds: xr.Dataset, out: Path, project: Path) -> dict[str, str]:
