@@ -12,6 +12,8 @@ through ``setpriv``, a full tmpfs):
 4. A full disk or a folder one may not write ends in one line, without temporaries or new folders.
 5. A rerun with other options never keeps stale files: metadata-only options resume and rewrite the
    metadata; anything else is refused without ``--overwrite``.
+6. A damaged zarr cache read as input ends the job in one line naming the chunk file and what it
+   should hold, and leaves no output.
 """
 
 from __future__ import annotations
@@ -507,3 +509,28 @@ def test_a_rerun_with_other_options_never_keeps_stale_files(tmp_path, capsys):
     assert quiet_main(["import", star, "--out", imp, "--voltage", "200", "--overwrite"], capsys)[0] == 0
     assert set(star_tables(imp)[0]["rlnVoltage"]) == {200.0}
     np.testing.assert_array_equal(read_direct(imp / "stacks" / "s0.mrcs"), images[:6])
+
+
+# --- 6. a damaged zarr cache ------------------------------------------------------------------------
+
+def test_a_corrupt_or_missing_zarr_chunk_ends_in_one_line(tmp_path, capsys):
+    star, images = simple_set(tmp_path / "p")  # 12 particles: cache chunks of 5, 5 and 2
+    cache = tmp_path / "c.zarr"
+    assert quiet_main(["restack", star, "--zarr", cache, "--batch-size", "5"], capsys)[0] == 0
+    chunk = cache / "images" / "c" / "1" / "0" / "0"
+    good = chunk.read_bytes()
+    chunk.write_bytes(os.urandom(len(good)))
+    for command in (["restack", cache, "--out", tmp_path / "r", "--n-workers", "1"],
+                    ["downsample", cache, "--out", tmp_path / "d", "--fourier-box", "8", "--n-workers", "1"]):
+        last = one_line_error(cli(command), command[0])
+        assert f"{chunk}: zarr chunk c/1/0/0 is corrupt" in last, last
+        assert "expected particles 6 to 10 of the cache: 5 images of 16x16 float32" in last, last
+        assert not command[3].exists()
+    chunk.unlink()  # zarr alone would read a missing chunk as NaN images
+    code, _, err = quiet_main(["restack", cache, "--out", tmp_path / "r"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("dparticles restack: error: "), err
+    assert "zarr chunk c/1/0/0 is missing; expected particles 6 to 10" in last, last
+    chunk.write_bytes(good)
+    assert quiet_main(["restack", cache, "--out", tmp_path / "r"], capsys)[0] == 0
+    assert star_images(tmp_path / "r" / "particles.star").tobytes() == images.tobytes()
