@@ -1,20 +1,34 @@
 """RELION STAR files: blocks in, blocks out. Knows the file format, not the science.
 
-``read_star(path)`` gives every block as ``starfile`` reads it (text as Python strings): fine for
-small files. ``read_star(path, compact=True)`` is for particle tables of millions of rows: the file
-is read in pieces of :data:`PIECE_BYTES` of whole lines, each loop piece is parsed by the C CSV
-reader in a thread, and columns come back compact:
+Values are read as RELION 3.1 reads them (``MetaDataTable::readStarLoop`` and ``nextTokenInSTAR``):
 
-- numbers as int64 / float64 arrays (as the CSV reader infers them over the whole column);
+- each loop line is first simplified: tabs become spaces; carriage returns and the control characters
+  ``\\v \\b \\f \\a`` are dropped; leading and trailing spaces go and a run of spaces becomes one space,
+  inside quotes too;
+- values are then separated by spaces. A value that starts with ``'`` or ``"`` runs to the first same
+  quote that is followed by a space or the end of the line; the quotes around it are removed, and any
+  quote or ``#`` inside it is kept (``"a"b c"`` is ``a"b c``; ``""`` is the empty string). A quote with
+  no closing one is an error;
+- a value that starts with ``#`` starts a comment, to the end of the line. A ``#`` or a quote anywhere
+  else in a value is part of it (``mic#1.mrc``, ``it's.mrc``).
+
+Where we differ from RELION 3.1, we are stricter or keep more, never alter a value: a comment line
+inside a loop is skipped (RELION counts it as a row with no values and stops), numbers must be whole
+numbers (RELION's ``sscanf`` reads ``1#x`` as 1).
+
+``read_star(path)`` gives every block with text as Python strings (as ``starfile`` gives them);
+``read_star(path, compact=True)`` is for particle tables of millions of rows. Both come from one
+reader: the file is read in pieces of :data:`PIECE_BYTES` of whole lines, each loop piece is simplified
+(vectorised), has its quoted values and comments resolved (only when it holds any), and is parsed by
+pyarrow's CSV reader in a thread. Columns come back compact:
+
+- numbers as int64 / float64 arrays (the type inferred over the whole column);
 - text as a ``pandas.Categorical`` (a code per row into the distinct values, which repeat:
   micrograph and stack names, optics group names);
 - a column of :data:`NUMBERED` labels whose every value is ``<digits>@<text>`` (RELION image names,
   ``000012@Extract/job007/x.mrcs``) as two: ``label`` (the text after ``@``, categorical) and
   ``label + NUMBER`` (the number before it, int64). :func:`write_star` writes such a pair back as
   one column, the number zero-padded to six digits as RELION writes it.
-
-Loops with quotes or comments, and anything else the fast path does not expect, are read the
-careful way and then made compact, so both ways give the same table.
 
 :func:`write_star` formats whole columns at once (pyarrow) and gives, byte for byte, the text
 ``DataFrame.to_csv(na_rep="nan")`` gives (shortest round-trip floats, ``NaN`` as ``nan``, as RELION
@@ -28,15 +42,15 @@ import io
 import itertools
 import os
 import re
-import shlex
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from io import StringIO
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import starfile
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 
 from dparticles.errors import ParticleError
 
@@ -52,65 +66,83 @@ def read_star(path: str | os.PathLike, *, compact: bool = False) -> dict[str, pd
     """Read every data block of a STAR file, keyed by block name ('' for an unnamed ``data_``).
 
     ``compact``: loops as described in the module docstring. Raises ParticleError naming the file
-    when it cannot be read or parsed.
+    (and the line, when one is at fault) when it cannot be read or parsed.
     """
     path = Path(path)
     if not path.is_file():
         raise ParticleError("no such STAR file", path=path)
-    blocks = None
-    if compact:
-        try:
-            blocks = _read_compact(path)
-        except Exception:  # an unusual layout or a fault: the line scan below finds which
-            blocks = None
-        if blocks is not None and blocks:
-            return blocks
-    check_star(path)
     try:
-        blocks = _read_fast(path, AS_STRING)
-    except Exception:  # anything unusual: the reference parser decides, and words the error
-        blocks = None
-    try:
-        if blocks is None:
-            blocks = starfile.read(path, always_dict=True, parse_as_string=AS_STRING)
-    except Exception as exc:  # the parser raises many types; the user needs one message
-        raise ParticleError(f"could not parse as a STAR file ({type(exc).__name__}: {exc})", path=path) from exc
+        blocks = _read_compact(path) if compact else _read_fast(path, AS_STRING)
+    except Exception as exc:  # a fault somewhere in the file: the line scan finds the line and words it
+        check_star(path)
+        why = (str(exc).strip().splitlines() or [""])[0]
+        raise ParticleError(f"could not parse as a STAR file ({type(exc).__name__}: {why})", path=path) from exc
     if not blocks:
         raise ParticleError("no data blocks found; expected a STAR file with a particle table", path=path)
-    if compact:
-        blocks = {k: compact_loop(v) if isinstance(v, pd.DataFrame) else v for k, v in blocks.items()}
     return blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# RELION's reading of a line, for whole pieces of lines at once
+# ---------------------------------------------------------------------------------------------
+
+_TABS = bytes.maketrans(b"\t", b" ")
+_DROPPED = b"\r\x0b\x08\x0c\x07"  # RELION's unescape() drops these before anything else
+SPACE, EMPTY = b"\x07", b"\x08"  # stand-ins, inside quoted values, for a space and for an empty value:
+# bytes that simplifying drops, so never in simplified text
+_SPECIAL = re.compile(rb"""(?:(?<= )|^)(["'])(?:([^\n]*?)\1(?= |$))?|(?: |^)\#[^\n]*""", re.M)
+_SPECIAL_STARTS = [a + b for a in (b" ", b"\n") for b in (b'"', b"'", b"#")]
+
+
+def simplify(piece: bytes) -> bytes:
+    """Lines as RELION's ``simplify()`` leaves them: tabs as spaces, ``\\r \\v \\b \\f \\a`` dropped,
+    no leading or trailing spaces, one space between values. Vectorised: a few passes over the bytes."""
+    piece = piece.translate(_TABS, _DROPPED)
+    if not (b"  " in piece or b"\n " in piece or b" \n" in piece or piece[:1] == b" " or piece[-1:] == b" "):
+        return piece
+    a = np.frombuffer(piece, np.uint8)
+    space = a == 32
+    gap = space | (a == 10)
+    drop = np.empty_like(space)  # a space followed by a space, a newline or the end: each run keeps its last
+    np.logical_and(space[:-1], gap[1:], out=drop[:-1])
+    drop[-1] = space[-1]
+    out = a[~drop].tobytes().replace(b"\n ", b"\n")  # and a line's leading space goes
+    return out[1:] if out[:1] == b" " else out
+
+
+def resolve(text: bytes) -> tuple[bytes, bool]:
+    """Simplified lines with comments removed and each quoted value unquoted, its spaces as
+    :data:`SPACE` (an empty one as :data:`EMPTY`), so that single spaces separate the values; and
+    whether anything was unquoted. Raises ValueError for a quote with no closing one."""
+    if not (text[:1] in (b'"', b"'", b"#") or any(s in text for s in _SPECIAL_STARTS)):
+        return text, False
+    return _SPECIAL.sub(_resolve_one, text), True
+
+
+def _resolve_one(m: re.Match) -> bytes:
+    if m.group(1) is None:  # a comment
+        return b""
+    if m.group(2) is None:
+        raise ValueError(f"a value opens with {m.group(1).decode()} and has no closing {m.group(1).decode()} "
+                         f"(followed by a space or the end of the line)")
+    return m.group(2).replace(b" ", SPACE) or EMPTY
+
+
+def unmark(value: str) -> str:
+    """A value as read, from its form in resolved text."""
+    return "" if value == EMPTY.decode() else value.replace(SPACE.decode(), " ")
+
+
+def tokens(line: str) -> list[str]:
+    """The values of one line as RELION reads them (comments dropped, quotes removed)."""
+    text, marked = resolve(simplify(line.encode("utf-8")))
+    values = text.decode("utf-8").split(" ") if text else []
+    return [unmark(v) for v in values] if marked else values
 
 
 # ---------------------------------------------------------------------------------------------
 # the line scan: slow and exact, run only to find the line at fault once something is known wrong
 # ---------------------------------------------------------------------------------------------
-
-# RELION reads whitespace-separated tokens; a token that starts with '#' starts a comment (to the
-# end of the line); a token that starts with a quote runs to the matching quote. A '#' or quote
-# inside a token is part of it.
-_TOKEN = re.compile(r"""(?:"([^"]*)"|'([^']*)')(?=\s|$)|(\S+)""")
-
-
-def tokens(line: str) -> list[str]:
-    """The values of one line as RELION reads them (comments dropped, quotes removed)."""
-    if '"' not in line and "'" not in line:
-        out = line.split()
-    else:
-        out = []
-        for m in _TOKEN.finditer(line):
-            if m.group(3) is None:
-                out.append(m.group(1) if m.group(1) is not None else m.group(2))
-            elif m.group(3).startswith("#"):
-                break
-            else:
-                out.append(m.group(3))
-        return out
-    for k, t in enumerate(out):
-        if t.startswith("#"):
-            return out[:k]
-    return out
-
 
 def _scan(path: Path):
     """(block name, kind, 1-based line number, tokens) for each line of a STAR file that matters:
@@ -132,13 +164,17 @@ def _scan(path: Path):
                 yield block, "label" if in_loop else "pair", number, s.split()[:1 if in_loop else 2]
             elif in_loop:
                 labels_done = True
-                yield block, "row", number, tokens(s)
+                try:
+                    values = tokens(s)
+                except ValueError as exc:
+                    raise ParticleError(f"data_{block} row: {exc}", path=path, line=number) from None
+                yield block, "row", number, values
 
 
 def check_star(path: Path) -> None:
     """Raise ParticleError naming the line when a STAR file's structure is faulty: a loop row whose
-    number of values is not its number of labels, a label given twice in one loop, or more than one
-    data_particles block."""
+    number of values is not its number of labels, a quote not closed, a label given twice in one loop,
+    or more than one data_particles block."""
     labels: list[str] = []
     seen: dict[str, int] = {}
     particles: list[int] = []
@@ -178,86 +214,34 @@ def line_of_row(path: Path, block: str, row: int) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the careful reader: text in one piece, as starfile reads it
+# text as Python strings, as starfile gives it
 # ---------------------------------------------------------------------------------------------
 
-_DATA = re.compile(r"^[ \t]*data_([^\n]*)$", re.M)
-
-
 def _read_fast(path: Path, as_string: list[str]) -> dict[str, pd.DataFrame | dict]:
-    """What ``starfile.read`` returns, without its line-by-line loop: block boundaries are found by
-    one regex pass and each loop body goes to the C CSV reader in one piece (a million-row particle
-    table in about a second instead of several)."""
-    text = path.read_text(encoding="utf-8")
-    heads = list(_DATA.finditer(text))
-    blocks: dict[str, pd.DataFrame | dict] = {}
-    for k, m in enumerate(heads):
-        end = heads[k + 1].start() if k + 1 < len(heads) else len(text)
-        block = _block(text, m.end(), end, as_string)
-        if block is not None:
-            blocks[m.group(1).strip()] = block
-    return blocks
+    """What ``starfile.read`` returns (text as Python strings, ``N@text`` values whole), read as
+    RELION reads values: the compact reader's blocks, with its text columns made plain."""
+    blocks = _read_compact(path, split=False, as_string=as_string)
+    return {k: _plain(v) if isinstance(v, pd.DataFrame) else v for k, v in blocks.items()}
 
 
-def _block(text: str, pos: int, end: int, as_string: list[str]) -> pd.DataFrame | dict | None:
-    """One data block: a loop (DataFrame) or key-value pairs (dict), as starfile reads them."""
-    lines = iter(_lines(text, pos, end))
-    for line, _ in lines:
-        if line.startswith("loop_"):
-            break
-        if line.startswith("_"):
-            return _pairs([line] + [ln for ln, _ in lines], as_string)
-    else:
-        return None
-    columns: list[str] = []
-    body = end
-    for line, start in lines:
-        if line.startswith("_"):
-            columns.append(line.split()[0][1:])
-        elif line:
-            body = start
-            break
-    data = text[body:end]
-    if not data.strip():
-        return _empty(columns)
-    index = {c: i for i, c in enumerate(columns)}
-    df = pd.read_csv(StringIO(data.replace("'", '"')), sep=r"\s+", header=None, comment="#",
-                     dtype={index[c]: str for c in as_string if c in index}, keep_default_na=False,
-                     na_values=_NA, engine="c")
-    if df.shape[1] != len(columns):
-        raise ValueError("row length differs from the number of columns")
-    df.columns = columns
-    for c in columns:
-        if c in as_string:
-            continue
-        try:
-            numeric = pd.to_numeric(df[c])
-        except (ValueError, TypeError):
-            continue
-        if not numeric.isna().all():
-            df[c] = numeric
-    return df
+def _plain(df: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({c: np.asarray(df[c].array.astype(object)) if isinstance(df[c].dtype, pd.CategoricalDtype)
+                         else df[c].to_numpy() for c in df.columns}, index=pd.RangeIndex(len(df)), copy=False)
 
 
 def _empty(columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(np.zeros((0, len(columns))), columns=columns)
 
 
-def _lines(text: str, pos: int, end: int):
-    """(stripped line, start offset) from ``pos`` to ``end``."""
-    while pos < end:
-        stop = text.find("\n", pos, end)
-        stop = end if stop < 0 else stop
-        yield text[pos:stop].strip(), pos
-        pos = stop + 1
-
-
 def _pairs(lines: list[str], as_string: list[str]) -> dict:
+    """Key-value lines (``_label value``) as a dict; values read as loop values are."""
     out: dict = {}
     for line in lines:
         if line.startswith("_"):
-            key, value = shlex.split(line)
-            out[key[1:]] = value if key[1:] in as_string else _number(value)
+            values = tokens(line)
+            if len(values) < 2:
+                raise ValueError(f"no value after {values[0]}")
+            out[values[0][1:]] = values[1] if values[0][1:] in as_string else _number(values[1])
     return out
 
 
@@ -271,7 +255,7 @@ def _number(value: str):
 
 
 def compact_loop(df: pd.DataFrame) -> pd.DataFrame:
-    """A loop as the careful reader gives it, in the compact form of ``read_star(compact=True)``."""
+    """A loop with text as Python strings, in the compact form of ``read_star(compact=True)``."""
     out: dict[str, object] = {}
     for c in df.columns:
         s = df[c]
@@ -302,19 +286,20 @@ def _categorical(values: np.ndarray) -> pd.Categorical:
 
 
 # ---------------------------------------------------------------------------------------------
-# the compact reader: whole lines in pieces, parsed in threads
+# the reader: whole lines in pieces, parsed in threads
 # ---------------------------------------------------------------------------------------------
 
 class _Unusual(Exception):
-    """Something the compact reader does not handle; the careful reader takes over."""
+    """A layout the reader does not take (the line scan then says where and why)."""
 
 
 class _Retype(Exception):
-    """A column thought numeric holds text further down: parse the loop again with it as text."""
+    """Columns thought numeric hold text further down, or ``N@text`` columns hold other values:
+    parse the loop again with them as text (``plain``: as whole values, not split at ``@``)."""
 
-    def __init__(self, label: str):
-        super().__init__(label)
-        self.label = label
+    def __init__(self, labels: list[str], plain: bool = False):
+        super().__init__(", ".join(labels))
+        self.labels, self.plain = labels, plain
 
 
 _NEXT_DATA = re.compile(rb"\n[ \t]*data_")
@@ -402,7 +387,8 @@ def _is_data(line: bytes) -> bool:
     return line.lstrip(b" \t").startswith(b"data_")
 
 
-def _read_compact(path: Path) -> dict[str, pd.DataFrame | dict]:
+def _read_compact(path: Path, split: bool = True, as_string: list[str] = AS_STRING) -> dict[str, pd.DataFrame | dict]:
+    """Every block; loops compact. ``split``: ``N@text`` columns as two (else whole, as text)."""
     blocks: dict[str, pd.DataFrame | dict] = {}
     with open(path, "rb") as f, _Pool(_threads()) as pool:
         src = _Source(f)
@@ -412,7 +398,7 @@ def _read_compact(path: Path) -> dict[str, pd.DataFrame | dict]:
                 line, _ = src.line()
                 continue
             name = line.lstrip(b" \t")[5:].decode("utf-8").strip()
-            block, line = _compact_block(src, pool)
+            block, line = _compact_block(src, pool, split, as_string)
             if name in blocks:
                 raise _Unusual(f"a second data_{name} block")
             if block is not None:
@@ -430,8 +416,8 @@ class _Pool(ThreadPoolExecutor):
         self.workers = workers
 
 
-def _compact_block(src: _Source, pool) -> tuple[pd.DataFrame | dict | None, bytes | None]:
-    """One block (as :func:`_block` reads it) and the line that opens the next one."""
+def _compact_block(src: _Source, pool, split: bool, as_string: list[str]) -> tuple[pd.DataFrame | dict | None, bytes | None]:
+    """One block (a loop, or key-value pairs as a dict) and the line that opens the next one."""
     while True:
         line, _ = src.line()
         if line is None or _is_data(line):
@@ -445,7 +431,7 @@ def _compact_block(src: _Source, pool) -> tuple[pd.DataFrame | dict | None, byte
             while line is not None and not _is_data(line):
                 lines.append(line.strip().decode("utf-8"))
                 line, _ = src.line()
-            return _pairs(lines, AS_STRING), line
+            return _pairs(lines, as_string), line
     labels: list[str] = []
     while True:
         line, start = src.line()
@@ -459,14 +445,15 @@ def _compact_block(src: _Source, pool) -> tuple[pd.DataFrame | dict | None, byte
         elif s:
             src.unread(start)
             break
-    text = {c for c in labels if c in AS_STRING}
+    text = {c for c in labels if c in as_string}
+    plain = set() if split else set(labels)
     at = src.tell()
-    for _ in range(len(labels) + 1):
+    for _ in range(2 * len(labels) + 1):
         try:
-            df = _loop(labels, text, src, pool)
+            df = _loop(labels, text, plain, as_string, src, pool)
             break
         except _Retype as exc:
-            text.add(exc.label)
+            (plain if exc.plain else text).update(exc.labels)
             src.seek(at)
     else:
         raise _Unusual("column types keep changing")
@@ -474,24 +461,33 @@ def _compact_block(src: _Source, pool) -> tuple[pd.DataFrame | dict | None, byte
     return df, line
 
 
-def _loop(labels: list[str], text: set[str], src: _Source, pool) -> pd.DataFrame:
-    """Parse a loop body piece by piece, keeping at most a few pieces in flight."""
+def _loop(labels: list[str], text: set[str], plain: set[str], as_string: list[str], src: _Source, pool) -> pd.DataFrame:
+    """Parse a loop body piece by piece, keeping at most a few pieces in flight. The first piece is
+    parsed alone: the column types found in it are given to the parser for the others (faster than
+    inferring them again, and pieces that do not fit are parsed again, inferring)."""
     remaining = src.size - src.tell()
     pieces = src.body()
-    first = next(pieces, None)
-    if first is None:
+    first, numbered = b"", None
+    for piece in pieces:  # up to the first data line
+        first += piece
+        numbered = _numbered_columns(first, labels)
+        if numbered is not None:
+            break
+    if numbered is None:
         return _empty(labels)
-    numbered = _numbered_columns(first, labels)
-    names = []  # the CSV reader's columns: each numbered label as (number, text), the number as text
+    numbered = [c for c in numbered if c not in plain]
+    names = []  # the parser's columns: each numbered label as (number, text)
     for c in labels:
         names += [c + NUMBER, c] if c in numbered else [c]
     categorical = [j for j, c in enumerate(names) if c in text or c in numbered
                    or (c[:-len(NUMBER)] in numbered and c[:-len(NUMBER)] not in NUMBERED)]
-    acc = _Columns(names, categorical, numbered, remaining)
+    acc = _Columns(names, categorical, numbered, [c for c in labels if c in as_string], remaining)
+    acc.add(*_parse_piece(first, names, categorical, None))
+    types = acc.types()
     pending: deque = deque()
     try:
-        for piece in itertools.chain([first], pieces):
-            pending.append(pool.submit(_parse_piece, piece, len(names), categorical, len(numbered)))
+        for piece in pieces:
+            pending.append(pool.submit(_parse_piece, piece, names, categorical, types))
             while len(pending) > pool.workers:
                 acc.add(*pending.popleft().result())
         while pending:
@@ -504,51 +500,94 @@ def _loop(labels: list[str], text: set[str], src: _Source, pool) -> pd.DataFrame
     return acc.frame()
 
 
-_NUMBERED_VALUE = re.compile(rb"\d+@[^@]+")
-_QUOTED = re.compile(rb"""(?:^|\s)["']""")
-_COMMENT = re.compile(rb"(^|[ \t])#[^\n]*", re.M)
+_NUMBERED_VALUE = re.compile(r"\d+@[^@]+")
 
 
-def _numbered_columns(piece: bytes, labels: list[str]) -> list[str]:
-    """Labels whose value on the first data line is ``<digits>@<text>``."""
-    for line in piece.split(b"\n", 64):
-        line = line.split()
-        line = next((line[:k] for k, t in enumerate(line) if t.startswith(b"#")), line)
-        if line:
-            if len(line) != len(labels):
+def _numbered_columns(piece: bytes, labels: list[str]) -> list[str] | None:
+    """Labels whose value on the first data line is ``<digits>@<text>`` (None: no data line)."""
+    for line in piece.split(b"\n"):
+        values = tokens(line.decode("utf-8"))
+        if values:
+            if len(values) != len(labels):
                 raise _Unusual("row length differs from the number of columns")
-            return [c for c, v in zip(labels, line) if _NUMBERED_VALUE.fullmatch(v)]
-    raise _Unusual("no data line in the first piece")
+            return [c for c, v in zip(labels, values) if _NUMBERED_VALUE.fullmatch(v)]
+    return None
 
 
-def _parse_piece(piece: bytes, width: int, categorical: list[int], numbered: int):
+_PARSE = pcsv.ParseOptions(delimiter=" ", quote_char=False, double_quote=False, escape_char=False,
+                           newlines_in_values=False, ignore_empty_lines=True)
+_KINDS = {"i": pa.int64(), "f": pa.float64(), "b": pa.bool_()}
+
+
+def _parse_piece(piece: bytes, names: list[str], categorical: list[int], types: dict[str, pa.DataType] | None):
     """One piece of a loop body: its columns (arrays, or (codes, distinct values)), rows and bytes.
 
-    With ``numbered`` columns of ``N@text`` values, every ``@`` becomes a separator; the piece must
-    hold exactly that many per row."""
-    if (b'"' in piece or b"'" in piece) and _QUOTED.search(piece):
-        raise _Unusual("quotes")
-    if b"#" in piece:  # a comment starts only where a token would: a '#' inside a token is text
-        piece = _COMMENT.sub(rb"\1", piece)
+    The piece is simplified and resolved as RELION reads lines, then parsed by pyarrow with one space
+    as the delimiter. With ``N@text`` columns every ``@`` becomes a separator: the piece must then
+    hold exactly that many per row. ``types``: column types known from an earlier piece."""
+    size = len(piece)
+    piece, marked = resolve(simplify(piece))
+    numbered = [n[:-len(NUMBER)] for n in names if n.endswith(NUMBER)]
     ats = None
     if numbered:
         ats = piece.count(b"@")
         piece = piece.replace(b"@", b" ")
     try:
-        df = pd.read_csv(io.BytesIO(piece), sep=r"\s+", header=None, dtype={j: object for j in categorical},
-                         keep_default_na=False, na_values=_NA, engine="c", quoting=csv.QUOTE_NONE)
-    except pd.errors.EmptyDataError:
-        df = pd.DataFrame()
-    if len(df) == 0 and not ats:
-        return None, 0, len(piece)
-    if df.shape[1] != width or (ats is not None and ats != numbered * len(df)):
-        raise _Unusual("row length differs from the number of columns")
-    last = df[width - 1]  # a short row is filled with missing values: let the line scan look
-    if last.isna().any() or (last.dtype == object and (last == "").any()):
-        raise _Unusual("missing values in the last column")
-    parts = [pd.factorize(df[j].to_numpy(), use_na_sentinel=True) if j in categorical else df[j].to_numpy()
-             for j in range(width)]
-    return parts, len(df), len(piece)
+        table = _csv(piece, names, categorical, types)
+    except pa.ArrowInvalid as exc:
+        if types is not None and "conversion error" in str(exc):
+            table = _csv(piece, names, categorical, None)
+        elif numbered:
+            raise _Retype(numbered, plain=True) from exc
+        else:
+            raise
+    if table.num_rows == 0:
+        if ats:
+            raise _Retype(numbered, plain=True)
+        return None, 0, size
+    if ats is not None and ats != len(numbered) * table.num_rows:
+        raise _Retype(numbered, plain=True)
+    if b"0x" in piece or b"0X" in piece:  # pyarrow reads 0x10 as 16: such a value is text, as for RELION
+        _refuse_hex(piece, names, categorical)
+    parts = []
+    for j, name in enumerate(names):
+        col = table.column(j).combine_chunks()
+        if j in categorical:
+            parts.append(_codes_values(col, marked))
+        elif pa.types.is_null(col.type):  # every value missing
+            parts.append(np.full(len(col), np.nan))
+        elif col.type in (pa.int64(), pa.float64(), pa.bool_()):
+            parts.append(col.to_numpy(zero_copy_only=False))
+        else:  # text (or a date, a time...) in a column thought numeric
+            raise _Retype([name[:-len(NUMBER)]], plain=True) if name.endswith(NUMBER) else _Retype([name])
+    return parts, table.num_rows, size
+
+
+def _refuse_hex(piece: bytes, names: list[str], categorical: list[int]) -> None:
+    raw = _csv(piece, names, list(range(len(names))), None)
+    for j, name in enumerate(names):
+        if j not in categorical and pc.any(pc.match_substring_regex(raw.column(j), r"^[+-]?0[xX]")).as_py():
+            raise _Retype([name[:-len(NUMBER)]], plain=True) if name.endswith(NUMBER) else _Retype([name])
+
+
+def _csv(piece: bytes, names: list[str], categorical: list[int], types: dict | None) -> pa.Table:
+    column_types = {names[j]: pa.string() for j in categorical} | (types or {})
+    return pcsv.read_csv(
+        pa.BufferReader(piece),
+        read_options=pcsv.ReadOptions(column_names=names, use_threads=False, block_size=max(len(piece) + 1, 2**20)),
+        parse_options=_PARSE,
+        convert_options=pcsv.ConvertOptions(column_types=column_types, null_values=_NA, strings_can_be_null=True,
+                                            true_values=["True", "TRUE", "true"], false_values=["False", "FALSE", "false"]))
+
+
+def _codes_values(col: pa.Array, marked: bool) -> tuple[np.ndarray, list[str]]:
+    """(a code per row, -1 where missing; the distinct values) of a text column."""
+    if pa.types.is_null(col.type):
+        return np.full(len(col), -1, dtype=np.int32), []
+    enc = col.dictionary_encode()
+    codes = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False)
+    values = enc.dictionary.to_pylist()
+    return codes, [unmark(v) for v in values] if marked else values
 
 
 class _Columns:
@@ -556,8 +595,9 @@ class _Columns:
     rows per byte of the first piece, so that no piece is kept and nothing is concatenated); text
     codes mapped onto one table of distinct values per column."""
 
-    def __init__(self, names: list[str], categorical: list[int], numbered: list[str], body_bytes: int):
-        self.names, self.numbered, self.body_bytes = names, numbered, body_bytes
+    def __init__(self, names: list[str], categorical: list[int], numbered: list[str], as_string: list[str],
+                 body_bytes: int):
+        self.names, self.numbered, self.as_string, self.body_bytes = names, numbered, as_string, body_bytes
         self.arrays: list[np.ndarray | None] = [None] * len(names)
         self.index = {j: _Distinct() for j in categorical}  # column -> its distinct values so far
         self.n = self.seen = 0
@@ -570,11 +610,16 @@ class _Columns:
             values = self._codes(j, part) if j in self.index else part
             kind = values.dtype.kind
             if self.names[j].endswith(NUMBER) and j not in self.index and kind != "i":
-                raise _Unusual("numbers before @ that are not integers")
+                raise _Retype([self.names[j][:-len(NUMBER)]], plain=True)
             if kind not in "ifb":
-                raise _Retype(self.names[j])
+                raise _Retype([self.names[j]])
             self._store(j, values, n)
         self.n += n
+
+    def types(self) -> dict[str, pa.DataType]:
+        """The pyarrow type of each column found so far that is not text."""
+        return {self.names[j]: _KINDS[a.dtype.kind] for j, a in enumerate(self.arrays)
+                if j not in self.index and a is not None}
 
     def _store(self, j: int, values: np.ndarray, n: int) -> None:
         a = self.arrays[j]
@@ -584,7 +629,7 @@ class _Columns:
         elif a.dtype != values.dtype:
             kinds = {a.dtype.kind, values.dtype.kind}
             if not kinds <= {"i", "f"}:
-                raise _Retype(self.names[j])
+                raise _Retype([self.names[j]])
             if a.dtype.kind == "i":
                 a = a.astype(np.float64)
         if self.n + n > len(a):  # more rows than the first piece foretold
@@ -592,7 +637,7 @@ class _Columns:
         a[self.n:self.n + n] = values
         self.arrays[j] = a
 
-    def _codes(self, j: int, part: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    def _codes(self, j: int, part: tuple[np.ndarray, list]) -> np.ndarray:
         """A piece's codes into its own distinct values, as codes into the loop's."""
         codes, values = part
         mapping = np.append(self.index[j].codes(values), -1).astype(np.int32)
@@ -607,6 +652,9 @@ class _Columns:
             except ValueError:
                 a = a[:self.n].copy()
             out[name] = (a, self.index[j].values()) if j in self.index else a
+            if j in self.index and name not in self.as_string and name not in self.numbered \
+                    and not name.endswith(NUMBER):
+                out[name] = _numbers_or_text(*out[name])
         for label in self.numbered:
             number, (tcodes, texts) = out.pop(label + NUMBER), out.pop(label)
             if label in NUMBERED:  # read as integers: whatever their padding, the number is what counts
@@ -614,7 +662,7 @@ class _Columns:
                 continue
             pair = _pair(*number, tcodes, texts, keep_number=False)
             if pair is None:
-                raise _Unusual(f"{label} values that are not <number>@<text>")
+                raise _Retype([label], plain=True)
             out[label], out[label + NUMBER] = pair
         frame = {}
         for name in self.names:  # the text part under the label, its number beside it
@@ -625,6 +673,23 @@ class _Columns:
                 elif value is not None:
                     frame[k] = value
         return pd.DataFrame(frame, index=pd.RangeIndex(self.n), copy=False)
+
+
+def _numbers_or_text(codes: np.ndarray, values: list[str]):
+    """A text column whose every value is a number or empty (``""``) as numbers, empty ones as NaN,
+    as starfile reads it (``pandas.to_numeric``); else (codes, values) as they are."""
+    if not values or not any(values):
+        return codes, values
+    try:
+        numbers = pd.to_numeric(pd.Series(values, dtype=object))
+    except (ValueError, TypeError):
+        return codes, values
+    if numbers.isna().all():
+        return codes, values
+    numbers = numbers.to_numpy()
+    if numbers.dtype.kind == "i" and (codes >= 0).all():
+        return numbers[codes]
+    return np.append(numbers.astype(np.float64), np.nan)[np.where(codes < 0, len(values), codes)]
 
 
 class _Distinct:
@@ -638,8 +703,8 @@ class _Distinct:
         self.index = pd.Index([], dtype=object)
         self.recent: dict = {}
 
-    def codes(self, values: np.ndarray) -> np.ndarray:
-        found = self.index.get_indexer(values)
+    def codes(self, values: list) -> np.ndarray:
+        found = self.index.get_indexer(values) if len(values) else np.zeros(0, dtype=np.intp)
         for k in np.flatnonzero(found < 0).tolist():
             found[k] = self.recent.setdefault(values[k], len(self.index) + len(self.recent))
         if len(self.recent) > max(4096, len(self.index) // 4):
@@ -718,8 +783,8 @@ def _joined(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
 
 
 def _write_rows_csv(f, df: pd.DataFrame) -> None:
-    text_cols = [c for c in df.columns if df[c].dtype.kind in "OUST" or isinstance(df[c].dtype, pd.StringDtype)]
-    needs_quotes = any(df[c].astype(str).str.contains(r"^$|\s", regex=True).any() for c in text_cols)
+    text_cols = [c for c in df.columns if _is_text(df[c])]
+    needs_quotes = any(df[c].astype(str).str.contains(_MUST_QUOTE.pattern, regex=True).any() for c in text_cols)
     out = io.TextIOWrapper(f, encoding="utf-8", newline="")
     try:
         if not needs_quotes:
@@ -728,7 +793,7 @@ def _write_rows_csv(f, df: pd.DataFrame) -> None:
             return
         quoted = df.copy()
         for c in text_cols:
-            quoted[c] = quoted[c].astype(str).map(lambda v: f'"{v}"' if (v == "" or re.search(r"\s", v)) else v)
+            quoted[c] = quoted[c].astype(str).map(_quoted)
         for row in quoted.itertuples(index=False):
             out.write(" ".join(map(str, row)) + "\n")
     finally:
@@ -749,7 +814,7 @@ def _fast_columns(df: pd.DataFrame, labels: list[str]) -> list | None:
         s = df[c]
         if c + NUMBER in df.columns:
             text = _text_table(s)
-            if text is None or _needs_quotes(text[1], allow_empty=True):
+            if text is None or _needs_quotes(text[1], numbered=True):
                 return None
             out.append(("numbered", df[c + NUMBER].to_numpy(), text[0], pa.array(text[1], type=pa.string())))
         elif _is_text(s):
@@ -778,8 +843,26 @@ def _text_table(s: pd.Series) -> tuple[np.ndarray, list[str]] | None:
     return codes, values
 
 
-def _needs_quotes(values: list[str], allow_empty: bool = False) -> bool:
-    return any((v == "" and not allow_empty) or re.search(r"\s", v) for v in values)
+# values RELION writes quoted: empty, holding whitespace or starting with a quote; and one starting with
+# '#', which would otherwise read as a comment
+_MUST_QUOTE = re.compile(r"^$|\s|^[\"'#]")
+
+
+def _quoted(value: str) -> str:
+    """A text value as written: double-quoted when it must be. Raises ParticleError for a value that
+    no quoting lets RELION read back (a quote then whitespace inside one that must be quoted: RELION
+    ends the value there, and drops the escape it writes itself)."""
+    if not _MUST_QUOTE.search(value):
+        return value
+    if re.search(r'"\s', value) or "\n" in value:
+        raise ParticleError(f"cannot write the value {value!r} to a STAR file: RELION would not read it back")
+    return f'"{value}"'
+
+
+def _needs_quotes(values: list[str], numbered: bool = False) -> bool:
+    """Whether a value must be quoted; ``numbered``: the text after ``N@`` (only whitespace counts)."""
+    pattern = re.compile(r"\s") if numbered else _MUST_QUOTE
+    return any(pattern.search(v) for v in values)
 
 
 def _format_rows(columns: list, a: int, b: int) -> bytes:
