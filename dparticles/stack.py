@@ -13,7 +13,7 @@ import numpy as np
 from dask.base import tokenize
 
 from dparticles.errors import ParticleError
-from dparticles.io.mrc import StackInfo, read_chunk, read_info
+from dparticles.io.mrc import StackInfo, read_chunk, read_headers
 from dparticles.planning import chunk_bounds, plan_reads
 
 
@@ -55,13 +55,14 @@ def _candidates(name: str, roots: Sequence[Path]) -> list[Path]:
 
 
 def read_infos(paths: Sequence[str], threads: int = 16) -> list[StackInfo]:
-    """Headers of all stacks, read concurrently (shared file systems reward many requests in flight)."""
+    """Headers of all stacks, read concurrently in batches (shared file systems reward many requests
+    in flight; each batch is decoded at once); the first bad stack in ``paths`` order is the error."""
     if len(paths) < 64:
-        return [read_info(p) for p in paths]
+        return read_headers(paths)
     size = max(16, len(paths) // (threads * 8))  # batches: one task per header costs more than the read
     batches = [paths[i:i + size] for i in range(0, len(paths), size)]
     with ThreadPoolExecutor(threads) as pool:
-        return [info for batch in pool.map(lambda b: [read_info(p) for p in b], batches) for info in batch]
+        return [info for batch in pool.map(read_headers, batches) for info in batch]
 
 
 def check_indices(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.ndarray,

@@ -6,8 +6,9 @@ a missing map id, stacks flagged as volumes); it knows nothing of particles or m
 
 from __future__ import annotations
 
+import errno
 import os
-import warnings
+import stat
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,30 +42,75 @@ class StackInfo:
 def read_info(path: str) -> StackInfo:
     """Read only the header of an MRC stack, permissively, and check the data block is all there.
 
-    A 2D image counts as a stack of one; a file flagged as a volume is read as a stack of ``nz``
-    images. Raises ParticleError for an unreadable file, an unknown mode or a short data block.
+    One ``open``, ``fstat`` and ``pread`` of the 1024 header bytes, decoded as mrcfile's permissive
+    reader would (``mrcfile.open`` costs ten times more: minutes at 100,000 stacks): the machine
+    stamp gives the byte order (little-endian when unrecognised), and a mode valid only in the other
+    byte order swaps the header; a missing map id, nversion 0, a volume flag or stale statistics are
+    not checked. A 2D image counts as a stack of one; a file flagged as a volume is read as a stack
+    of ``nz`` images. A link is followed, but a FIFO or device is never opened for reading.
+    Raises ParticleError for an unreadable file, an unknown mode or a short data block.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
-                header = mrc.header.copy()
-    except FileNotFoundError:
-        raise ParticleError("image stack not found", path=path) from None
-    except Exception as exc:
-        raise ParticleError(f"could not read the MRC header ({exc})", path=path) from exc
-    if header is None:
-        raise ParticleError("could not read the MRC header (file shorter than 1024 bytes)", path=path)
-    try:
-        dtype = mrcfile.utils.data_dtype_from_header(header)
-    except ValueError as exc:
-        raise ParticleError(f"unsupported MRC mode {int(header.mode)} ({exc})", path=path) from None
-    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    return _info(path, *_header_bytes(path))
+
+
+def read_headers(paths: Sequence[str]) -> list[StackInfo]:
+    """``[read_info(p) for p in paths]`` (the same results and the same first error), with the headers
+    decoded together: each distinct machine stamp and mode is decoded once, the rest are array
+    operations on the headers viewed through mrcfile's ``HEADER_DTYPE``."""
+    n = len(paths)
+    raw = np.zeros((n, HEADER_BYTES), dtype=np.uint8)
+    got = np.zeros(n, dtype=np.int64)
+    sizes = np.zeros(n, dtype=np.int64)
+    failed = None  # the error of the first file that could not be read; the files after it are not read
+    for k, path in enumerate(paths):
+        try:
+            got[k], sizes[k] = _header_into(path, memoryview(raw[k]))
+        except ParticleError as exc:
+            failed, n = exc, k
+            break
+    raw, got, sizes = raw[:n], got[:n], sizes[:n]
+    machst_mode = np.ascontiguousarray(raw[:, [_MACHST, _MACHST + 1, _MODE, _MODE + 1, _MODE + 2, _MODE + 3]])
+    _, first, kind = np.unique(machst_mode.view("V6")[:, 0], return_index=True, return_inverse=True)
+    decoded = [_decode_header(raw[i].tobytes()) for i in first.tolist()]
+    big = np.array([h.dtype["mode"].byteorder == ">" for h, _ in decoded], dtype=bool)[kind]
+    known = np.array([d is not None for _, d in decoded], dtype=bool)[kind]
+    itemsize = np.array([0 if d is None else d.itemsize for _, d in decoded], dtype=np.float64)[kind]
+    dtypes = np.array(["" if d is None else d.str for _, d in decoded], dtype=object)[kind]
+    le, be = raw.view(_HEADER["<"])[:, 0], raw.view(_HEADER[">"])[:, 0]
+    nx, ny, nz, ext = (np.where(big, be[f], le[f]).astype(np.int64) for f in ("nx", "ny", "nz", "nsymbt"))
+    offset = HEADER_BYTES + ext
+    need = offset + nz.astype(np.float64) * ny * nx * itemsize  # exact below 2**53; beyond, larger than any file
+    magic = raw[:, :2].copy().view(">u2")[:, 0]
+    compressed = (le["map"] != mrcfile.constants.MAP_ID) & np.isin(magic, (0x1F8B, 0x425A))  # gzip, bzip2
+    bad = (got < HEADER_BYTES) | compressed | (ext < 0) | ~known | (nx <= 0) | (ny <= 0) | (nz <= 0) | (sizes < need)
+    if bad.any():  # the first bad header, decoded alone, says what is wrong with it
+        k = int(np.flatnonzero(bad)[0])
+        _info(paths[k], raw[k, :got[k]].tobytes(), int(sizes[k]))
+        raise AssertionError(f"header {paths[k]} decoded as bad together but not alone")
+    if failed is not None:
+        raise failed
+    return [StackInfo(path=str(p), n=c, ny=y, nx=x, dtype=d, offset=o) for p, c, y, x, d, o in
+            zip(paths, nz.tolist(), ny.tolist(), nx.tolist(), dtypes.tolist(), offset.tolist())]
+
+
+def _info(path: str, raw: bytes, size: int) -> StackInfo:
+    """A stack's header bytes and file size, checked and decoded (see ``read_info``)."""
+    if raw[_MAP:_MAP + 4] != mrcfile.constants.MAP_ID and raw[:2] in (b"\x1f\x8b", b"BZ"):
+        raise ParticleError("could not read the MRC header (the stack is compressed; decompress it first)",
+                            path=path)
+    if len(raw) < HEADER_BYTES:
+        raise ParticleError("could not read the MRC header (Couldn't read enough bytes for MRC header)", path=path)
+    header, dtype = _decode_header(raw)
+    if int(header["nsymbt"]) < 0:
+        raise ParticleError("could not read the MRC header (negative count)", path=path)
+    if dtype is None:
+        mode = int(header["mode"])
+        raise ParticleError(f"unsupported MRC mode {mode} (Unrecognised mode '{mode}')", path=path)
+    nx, ny, nz = int(header["nx"]), int(header["ny"]), int(header["nz"])
     if nx <= 0 or ny <= 0 or nz <= 0:
         raise ParticleError(f"header gives an empty or invalid shape (nx, ny, nz) = ({nx}, {ny}, {nz})", path=path)
-    offset = HEADER_BYTES + max(int(header.nsymbt), 0)
+    offset = HEADER_BYTES + int(header["nsymbt"])
     info = StackInfo(path=str(path), n=nz, ny=ny, nx=nx, dtype=dtype.str, offset=offset)
-    size = os.path.getsize(path)
     need = offset + nz * info.image_bytes
     if size < need:
         have = max(size - offset, 0) // info.image_bytes
@@ -72,6 +118,63 @@ def read_info(path: str) -> StackInfo:
                             f"{ny}x{nx} {dtype.name}, expected {need} bytes but the file has {size} "
                             f"(only {have} complete images)", path=path)
     return info
+
+
+_MAP, _MODE, _MACHST = (HEADER_DTYPE.fields[f][1] for f in ("map", "mode", "machst"))  # byte offsets
+_HEADER = {order: HEADER_DTYPE.newbyteorder(order) for order in "<>"}
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _header_bytes(path: str) -> tuple[bytes, int]:
+    """The first 1024 bytes of a regular file (fewer if it is shorter) and its size."""
+    buf = bytearray(HEADER_BYTES)
+    got, size = _header_into(path, memoryview(buf))
+    return bytes(buf[:got]), size
+
+
+def _header_into(path: str, buf: memoryview) -> tuple[int, int]:
+    """Read the first ``len(buf)`` bytes of a regular file into ``buf``: (bytes read, file size).
+    O_NONBLOCK: a FIFO is never waited on, and fstat refuses it before any read."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        raise ParticleError("image stack not found", path=path) from None
+    except OSError as exc:
+        raise ParticleError(f"could not read the MRC header ({exc})", path=path) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            what = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path) if stat.S_ISDIR(st.st_mode) \
+                else "not a regular file"
+            raise ParticleError(f"could not read the MRC header ({what})", path=path)
+        got = 0
+        while got < len(buf):
+            more = os.preadv(fd, [buf[got:]], got) if _PREADV else os.readv(fd, [buf[got:]])
+            if not more:
+                break
+            got += more
+        return got, st.st_size
+    except OSError as exc:
+        raise ParticleError(f"could not read the MRC header ({exc})", path=path) from exc
+    finally:
+        os.close(fd)
+
+
+def _decode_header(raw: bytes) -> tuple[np.void, np.dtype | None]:
+    """The header record in its byte order and the data dtype (None for an unknown mode), as
+    mrcfile's permissive reader decides them."""
+    try:
+        order = mrcfile.utils.byte_order_from_machine_stamp(raw[_MACHST:_MACHST + 4])
+    except ValueError:
+        order = "<"
+    header = np.frombuffer(raw, dtype=_HEADER[order], count=1)[0]
+    for candidate in (header, np.frombuffer(raw, dtype=_HEADER["<" if order == ">" else ">"], count=1)[0]):
+        try:
+            mode = mrcfile.utils.dtype_from_mode(int(candidate["mode"]))
+        except ValueError:
+            continue
+        return candidate, mode.newbyteorder(candidate.dtype["mode"].byteorder)
+    return header, None
 
 
 def read_chunk(stacks: Sequence[StackInfo], runs, order: np.ndarray | None = None,
