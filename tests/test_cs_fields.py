@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from mrcfile.dtypes import HEADER_DTYPE
 
+from helpers import image_names, make_stack, optics_table, write_star
+
 from dparticles.cli import main
 from dparticles.dataset import open_particles
 
@@ -93,7 +95,8 @@ def test_import_of_a_star_writes_cryosparcs_import_fields(project, capsys):
     np.testing.assert_allclose(back["coord_x"].values, src["coord_x"].values, rtol=1e-6)
     np.testing.assert_allclose(back["coord_y"].values, src["coord_y"].values, rtol=1e-6)
     record = json.loads((project / "Import/job011/job.json").read_text())
-    assert "blob/import_sig" in record["cs_fields_added"] and record["notes"] == []
+    assert {"blob/import_sig", "ctf/anisomag", "location/micrograph_shape"} <= set(record["cs_fields_added"])
+    assert record["notes"] == []
 
 
 def test_cs_fields_survive_a_restack_bit_for_bit(project):
@@ -127,6 +130,16 @@ def test_scale_and_bfactor_come_from_the_star(real, tmp_path):
     cs = _fields(tmp_path / "out" / "particles.cs")
     assert cs["ctf/scale"].tolist() == [2.0] * 3 and cs["ctf/bfactor"].tolist() == [1.0] * 3
     assert not any(f.startswith("location/") for f in cs.fields())
+
+
+def test_a_bfactor_that_is_not_a_number_is_one_line(tmp_path, capsys):
+    make_stack(tmp_path / "s.mrcs", 3)
+    star = write_star(tmp_path / "particles.star", {"rlnImageName": image_names(range(3), "s.mrcs"),
+                                                    "rlnDefocusU": [1e4] * 3, "rlnDefocusV": [1e4] * 3,
+                                                    "rlnCtfBfactor": ["0", "high", "0"]}, optics_table([1.5], 16))
+    assert main(["import", str(star), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "particle 2: rlnCtfBfactor is 'high'; expected a number" in err and not (tmp_path / "out").exists()
 
 
 def test_the_same_particles_get_the_fields_cryosparcs_import_gave_them(real, tmp_path):

@@ -4,6 +4,7 @@ points at the links (``particles.star``, RELION 3.1 style, and ``particles.cs``)
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
     matched = unmatched = None
     if exposures is not None:
         ds, matched, unmatched = link_exposures(ds, Path(exposures), trim_prefix, trim_suffix, keep_unmatched)
+    fields, notes = cryosparc_import_fields(ds, open_options.get("data_dir")) \
+        if str(ds.attrs.get("format", "")).startswith("relion") else ({}, [])
     token = tokenize(str(source), sorted(open_options.items()), exposures, trim_prefix, trim_suffix, keep_unmatched)
     out_dir = prepare_output(Path(out).absolute(), ds, overwrite=overwrite, job="import", token=token)
     project = Path(project_dir if project_dir is not None else os.getcwd()).absolute()
@@ -65,8 +68,6 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
         n_stacks = len(links)
         paths = np.array([links[p] for p in ds["stack_path"].values], dtype=object)[ds["stack_id"].values]
         indices = ds["image_index"].values
-    fields, notes = cryosparc_import_fields(ds, open_options.get("data_dir")) \
-        if str(ds.attrs.get("format", "")).startswith("relion") else ({}, [])
     write_metadata(out_dir, ds, paths, indices, cs=True, updates=fields)
     result = ImportResult(Path(out), ds.sizes["particle"], n_stacks, matched, unmatched, notes)
     record = {"job": "import", "command": command_line(), "version": __version__,
@@ -75,9 +76,7 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
                              **open_options},
               "inputs": inputs(ds), "started": started, "ended": now(), "seconds": round(time.monotonic() - t0, 3),
               "particles": result.n_particles, "stacks_linked": n_stacks, "matched": matched,
-              "unmatched": unmatched, "cs_fields_added": sorted(f.split(":", 1)[1].replace(".", "/")
-                                                               for f in fields if f.startswith("cs:")),
-              "notes": notes}
+              "unmatched": unmatched, "cs_fields_added": _field_names(fields), "notes": notes}
     # no dask tasks run here, so the report is the record itself, not a performance report
     write_run_record(out_dir, record, report=record_report(record))
     return result
@@ -87,7 +86,8 @@ def cryosparc_import_fields(ds: xr.Dataset, data_dir: str | os.PathLike | None) 
     """What CryoSPARC's Import Particle Stack writes beyond the fields a STAR file names directly, as
     columns for the ``.cs`` writer (``cs:`` fields, ``micrograph_ny``/``micrograph_nx``, from which it
     writes ``location/micrograph_shape`` and the centre fractions), and notes on what could not be
-    filled and why. Unknowns take the value CryoSPARC's own import gives them (README, "Import")."""
+    filled and why. Unknowns take the value CryoSPARC's own import gives them (README, "`particles.cs`
+    from a STAR file")."""
     n = ds.sizes["particle"]
 
     def same(value, dtype) -> np.ndarray:  # one value for every particle, in no memory
@@ -95,8 +95,16 @@ def cryosparc_import_fields(ds: xr.Dataset, data_dir: str | os.PathLike | None) 
 
     def star(label: str, default: float) -> np.ndarray:
         for name in (f"star:{label}", f"star_optics:{label}"):
-            if name in ds.coords:
+            if name in ds.coords and ds[name].dtype.kind in "iuf":
                 return ds[name].values.astype(np.float32)
+            if name in ds.coords:
+                values = pd.to_numeric(pd.Series(ds[name].values), errors="coerce")
+                bad = values.isna().to_numpy() & pd.notna(ds[name].values)
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0])
+                    raise ParticleError(f"{label} is {ds[name].values[row]!r}; expected a number",
+                                        path=ds.attrs.get("source"), particle=row + 1)
+                return values.to_numpy(np.float32)
         return same(default, np.float32)
 
     cols: dict[str, object] = {}
@@ -133,6 +141,14 @@ def cryosparc_import_fields(ds: xr.Dataset, data_dir: str | os.PathLike | None) 
                          f"location/center_y_frac: {problem or 'some particles name no micrograph'}; "
                          "particles.star keeps rlnCoordinateX/Y")
     return cols, notes
+
+
+def _field_names(columns: dict) -> list[str]:
+    """The ``.cs`` fields that :func:`cryosparc_import_fields` columns become, for the run record."""
+    names = {re.sub(r"\[\d+\]$", "", c[3:]).replace(".", "/") for c in columns if c.startswith("cs:")}
+    if "micrograph_ny" in columns:
+        names |= {"location/micrograph_shape", "location/center_x_frac", "location/center_y_frac"}
+    return sorted(names)
 
 
 def _micrograph_shapes(names: list[str], metadata: Path,
