@@ -154,6 +154,36 @@ def rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss() -> int:
+    return int(next(v for v in Path("/proc/self/status").read_text().splitlines()
+                    if v.startswith("VmHWM:")).split()[1]) * 1024
+
+
+OPEN_PHASES = {"read_star": "STAR read", "from_star": "canonical table", "_coords": "coordinates",
+               "resolve_stacks": "resolve_stacks", "read_infos": "read_infos", "lazy_images": "lazy_images",
+               "_attach_images": "all of the stack part"}
+
+
+def open_phases() -> dict:
+    """Time the stages of ``open_particles`` (wrapping the functions ``dparticles.dataset`` calls):
+    {stage: [seconds, peak resident memory so far, in bytes]}, filled as they run."""
+    import dparticles.dataset as dataset
+
+    phases: dict = {}
+
+    def timed_stage(fn, label):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            result = fn(*args, **kwargs)
+            phases[label] = [time.perf_counter() - t0, peak_rss()]
+            return result
+        return run
+
+    for name, label in OPEN_PHASES.items():
+        setattr(dataset, name, timed_stage(getattr(dataset, name), label))
+    return phases
+
+
 def child(step: str, star: Path, out: Path | None) -> dict:
     t0 = time.perf_counter()
     import dask.array  # noqa: F401
@@ -167,11 +197,12 @@ def child(step: str, star: Path, out: Path | None) -> dict:
     imports, base = time.perf_counter() - t0, rss()
     if step == "baseline":
         return {"imports": imports, "rss": base}
+    phases = open_phases() if step == "open" else {}
     t0 = time.perf_counter()
     ds = open_particles(star)
     opened = time.perf_counter() - t0
     report = {"imports": imports, "rss": base, "open": opened, "particles": ds.sizes["particle"],
-              "stacks": ds.sizes["stack"]}
+              "stacks": ds.sizes["stack"], "phases": phases}
     if step == "write":
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -253,8 +284,9 @@ def main() -> None:
                       f"{time.perf_counter() - t0:.0f} s)", flush=True)
                 wall, peak, stdout, load = timed(me("--child", "open", str(star)))
                 r = json.loads(stdout.splitlines()[-1])
+                stages = "; ".join(f"{k} {t:.1f} s (peak {m / 2**30:.2f} GiB)" for k, (t, m) in r["phases"].items())
                 rows.append((n, r["stacks"], order, "open_particles", r["open"], peak, load,
-                             f"STAR {size / 1e9:.2f} GB; imports {r['imports']:.1f} s"))
+                             f"STAR {size / 1e9:.2f} GB; imports {r['imports']:.1f} s; {stages}"))
                 print(rows[-1], flush=True)
                 wall, peak, stdout, load = timed([sys.executable, "-m", "dparticles.cli", "info", "--json", str(star)])
                 info = json.loads(stdout)
