@@ -45,9 +45,9 @@ def _checked_images(path: Path, images: da.Array) -> da.Array:
         stamp = os.stat(path / "images" / "zarr.json").st_mtime_ns
     except OSError:
         stamp = None
+    token = tokenize(str(path), stamp, images.shape, images.chunks, images.dtype.str)
     return da.map_blocks(read_chunk, dtype=images.dtype, chunks=images.chunks, meta=np.empty((0, 0, 0), images.dtype),
-                         name=f"zarr-images-{tokenize(str(path), stamp, images.shape, images.chunks, images.dtype.str)}",
-                         path=str(path))
+                         name=f"zarr-images-{token}", path=str(path))
 
 
 def read_chunk(path: str, block_info: dict | None = None) -> np.ndarray:
