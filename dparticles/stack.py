@@ -28,20 +28,74 @@ def search_roots(metadata_path: Path, data_dir: str | os.PathLike | None) -> lis
 def resolve_stacks(names: Sequence[str], roots: Sequence[Path], metadata_path: Path,
                    first_rows: Sequence[int] | None = None) -> list[str]:
     """Absolute path of each distinct stack name; a clear error listing the places tried if missing
-    (naming the first particle that uses the stack when ``first_rows``, 0-based, is given)."""
-    out = []
-    for k, name in enumerate(map(str, names)):
-        tried = _candidates(name, roots)
-        found = next((c for c in tried if c.is_file()), None)
-        if found is None:
-            shown = ", ".join(map(str, tried[:4])) + (f" and {len(tried) - 4} more ancestor folders"
-                                                      if len(tried) > 4 else "")
-            odd = next((f" ({c} exists but is not a file)" for c in tried if c.exists()), "")
-            raise ParticleError(f"image stack {name!r} not found; tried {shown}{odd}. "
-                                "Use --data-dir to say where the stacks are", path=metadata_path,
-                                particle=None if first_rows is None else int(first_rows[k]) + 1)
-        out.append(str(found))
+    (naming the first particle that uses the stack when ``first_rows``, 0-based, is given).
+
+    Names are looked up in listings of their folders (one ``scandir`` per folder and place tried,
+    a ``stat`` only for links), not with a ``stat`` per name and place: 100,000 stacks in a few
+    folders take a fraction of a second, also on shared file systems. What a listing does not show
+    as a file is looked for name by name as before, which also gives the error.
+    """
+    names = [str(n) for n in names]
+    out: list[str | None] = [None] * len(names)
+    folders: dict[str, list[tuple[int, str]]] = {}  # a name's folder part -> (position, file name)
+    for k, name in enumerate(names):
+        folder, base = os.path.split(name)
+        if base not in ("", ".", "..") and name[1:2] != ":" and name[:2] not in _UNC:  # no Windows drive
+            folders.setdefault(folder, []).append((k, base))
+    listings: dict[str, dict[str, os.DirEntry]] = {}
+    for folder, members in folders.items():
+        where = Path(folder)
+        places = [where, roots[0]] if where.is_absolute() else [r / where for r in roots]
+        for place in map(str, places):
+            if place not in listings:
+                listings[place] = _listing(place)
+            entries, left = listings[place], []
+            for k, base in members:
+                entry = entries.get(base)
+                if entry is not None and _is_file(entry):
+                    out[k] = os.path.join(place, base)
+                else:
+                    left.append((k, base))
+            members = left
+            if not members:
+                break
+    for k, name in enumerate(names):
+        if out[k] is None:
+            out[k] = _resolve_one(name, roots, metadata_path, None if first_rows is None else int(first_rows[k]))
     return out
+
+
+_UNC = ("//", "\\\\", "/\\", "\\/")  # starts of Windows network names (PureWindowsPath gives them a drive)
+
+
+def _listing(folder: str) -> dict[str, os.DirEntry]:
+    """The entries of ``folder`` by name (none if it cannot be listed)."""
+    try:
+        with os.scandir(folder) as it:
+            return {e.name: e for e in it}
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _resolve_one(name: str, roots: Sequence[Path], metadata_path: Path, first_row: int | None) -> str:
+    """One stack name looked for place by place; the error names the places tried."""
+    tried = _candidates(name, roots)
+    found = next((c for c in tried if c.is_file()), None)
+    if found is None:
+        shown = ", ".join(map(str, tried[:4])) + (f" and {len(tried) - 4} more ancestor folders"
+                                                  if len(tried) > 4 else "")
+        odd = next((f" ({c} exists but is not a file)" for c in tried if c.exists()), "")
+        raise ParticleError(f"image stack {name!r} not found; tried {shown}{odd}. "
+                            "Use --data-dir to say where the stacks are", path=metadata_path,
+                            particle=None if first_row is None else first_row + 1)
+    return str(found)
 
 
 def _candidates(name: str, roots: Sequence[Path]) -> list[Path]:
