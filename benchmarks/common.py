@@ -192,6 +192,7 @@ def prepare(cold: bool) -> None:
 
 
 LAST_CPU = 0.0  # CPU seconds (user + system) of the last run_timed process and its waited-for children
+LAST_STDERR = ""  # its standard error
 
 
 def run_timed(cmd: list[str], *, cwd: Path | None = None, cold: bool = False) -> tuple[float, int, str, float]:
@@ -211,8 +212,8 @@ def run_timed(cmd: list[str], *, cwd: Path | None = None, cold: bool = False) ->
     synced = time.perf_counter() - t0
     peak_kib, user, system = stats.read_text().split()[-3:]
     stats.unlink()
-    global LAST_CPU
-    LAST_CPU = float(user) + float(system)
+    global LAST_CPU, LAST_STDERR
+    LAST_CPU, LAST_STDERR = float(user) + float(system), proc.stderr
     return wall, int(peak_kib) * 1024, proc.stdout, synced
 
 

@@ -44,8 +44,8 @@ References in the same run: the fastest plain loops of ``common.py`` (``os.copy_
 an ``fsync`` per output file, the same durability as dparticles; ducc0 FFTs per stack with 2
 threads) and RELION 3.1.
 
-Run: ``python benchmarks/pipeline_bench.py [--data bench-data] [--repeats 3]`` (about 5 minutes
-with 3 repeats on 2 CPUs). Not a test.
+Run: ``python benchmarks/pipeline_bench.py [--data bench-data] [--repeats 3]`` (a round of 21 timed
+runs takes about 3 minutes on 2 CPUs). Not a test.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ class Row:
     method: str
     wall: float  # process wall time
     cpu: float = 0.0  # user + system seconds of the process and its waited-for children (the workers)
+    sync: float = 0.0  # seconds a sync right after the run took: its writes not yet on disk
     job: float | None = None  # the loop alone; for a driver, opening + to_stacks (cluster start excluded)
     tasks: float | None = None  # RunSummary.seconds
     worker_peak: int | None = None
@@ -132,18 +133,23 @@ class Row:
     workers: str = ""
 
 
-SUMMARY = re.compile(r"tasks in ([\d.]+) s .* on (\d+) workers.*peak (?:worker memory|memory per worker) "
-                     r"([\d.]+ [kKMGT]i?B)")
+SUMMARY = re.compile(r"tasks? in ([\d.]+) s.*? on (\d+) workers?.*?(?:peak worker memory|peak memory per worker|"
+                     r"at most) ([\d.]+ [kKMGT]i?B)")
 
 
-def parse(m: Method, wall: float, peak: int, stdout: str) -> Row:
+def parse(m: Method, wall: float, peak: int, stdout: str, out: Path) -> Row:
     from dask.utils import parse_bytes
 
     cpu = common.LAST_CPU
     if m.kind == "relion":
         return Row(m.name, wall, cpu, process_peak=peak)
     if m.kind == "cli":
-        found = SUMMARY.search(stdout)
+        record = out / "job.json"
+        if record.is_file():  # the run record the command writes
+            s = json.loads(record.read_text())["summary"]
+            return Row(m.name, wall, cpu, tasks=s["seconds"], worker_peak=s["peak_worker_memory_bytes"],
+                       process_peak=peak, workers=f"{s['n_workers']} x 1")
+        found = SUMMARY.search(stdout + common.LAST_STDERR)  # older versions: the summary line of the log
         if not found:
             raise SystemExit(f"{m.name}: no run summary in its output:\n{stdout[-2000:]}")
         return Row(m.name, wall, cpu, tasks=float(found.group(1)), worker_peak=parse_bytes(found.group(3)),
@@ -156,7 +162,8 @@ def parse(m: Method, wall: float, peak: int, stdout: str) -> Row:
                    process_peak=peak, workers=f"{rep['workers']} x 1", note="job s: from `import dparticles` on")
     phases = dict(rep["phases"])
     phases["exit"] = max(0.0, wall - rep["elapsed"])
-    note = f"file finish tasks {rep['finish_seconds']:.2f} s, tail after the last piece {rep['tail']:.2f} s"
+    note = (f"{rep['graph_tasks']} tasks in the image graph, {rep['store_tasks']} store tasks; file finishing "
+            f"{rep['finish_seconds']:.2f} s, of it after the last piece {rep['tail']:.2f} s")
     return Row(m.name, wall, cpu, job=rep["job"], tasks=rep["task_seconds"], worker_peak=rep["worker_peak"],
                process_peak=peak, phases=phases, workers=rep["workers"], note=note)
 
@@ -260,8 +267,8 @@ def methods(work: Path, n: int) -> list[Method]:
 
 
 CLUSTERS = {
-    "dparticles": "dparticles' embedded cluster, as the CLI starts it: LocalCluster(processes=True), 2 workers x "
-                  "1 thread, dashboard on",
+    "dparticles": "dparticles' embedded cluster (cluster_client(), what the CLI starts): LocalCluster(processes=True), "
+                  "2 workers x 1 thread on this machine, dashboard on, TLS in versions that have it",
     "processes": "LocalCluster(processes=True), 2 workers x 1 thread, no dashboard",
     "threads": "LocalCluster(processes=False), 1 worker x 2 threads (inproc://), no dashboard",
 }
@@ -321,12 +328,17 @@ def driver_child(star: str, out: str, job: str, cluster: str, batch: int, chunks
 
     mark("imports")
     at: dict[str, float] = {}
-    plan, watch = store._plan, store.watch
 
-    def timed_plan(*args, **kwargs):
-        result = plan(*args, **kwargs)
-        at["planned"] = time.perf_counter()
-        return result
+    def timed(fn, name):
+        def wrapper(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            at[name] = time.perf_counter()
+            return result
+        return wrapper
+
+    planner = "_prepare" if hasattr(store, "_prepare") else "_plan"  # the last step before the cluster is used
+    setattr(store, planner, timed(getattr(store, planner), "planned"))
+    watch = store.watch
 
     def timed_watch(*args, **kwargs):
         at["submitted"] = time.perf_counter()
@@ -334,7 +346,17 @@ def driver_child(star: str, out: str, job: str, cluster: str, batch: int, chunks
         at["watched"] = time.perf_counter()
         return result
 
-    store._plan, store.watch = timed_plan, timed_watch
+    store.watch = timed_watch
+    if hasattr(store, "_performance_report"):  # dask's performance report, kept with each output
+        report = store._performance_report
+
+        @contextlib.contextmanager
+        def timed_report(path):
+            with report(path):
+                yield
+            at["reported"] = time.perf_counter()
+
+        store._performance_report = timed_report
     quiet = logging.CRITICAL
     with contextlib.ExitStack() as stack:
         if cluster == "dparticles":
@@ -355,12 +377,15 @@ def driver_child(star: str, out: str, job: str, cluster: str, batch: int, chunks
         ds = open_particles(star, chunks=chunks)
         if job == "downsample":
             ds = ops.downsample(ds, fourier_box=SMALL)
+        graph_tasks = len(ds["images"].data.__dask_graph__())
         mark("open")
         with distributed.get_task_stream(client) as stream:
             result = store.to_stacks(ds, out, batch_size=batch, label=job, log=lambda line: None)
-        for name, key in (("plan", "planned"), ("graph + submit", "submitted"), ("tasks", "watched")):
-            phases[name] = at[key] - t
-            t = at[key]
+        for name, key in (("plan", "planned"), ("graph + submit", "submitted"), ("tasks", "watched"),
+                          ("report", "reported")):
+            if key in at:
+                phases[name] = at[key] - t
+                t = at[key]
         mark("metadata")
         t_job = time.perf_counter() - t_job
     mark("shut-down")
@@ -377,7 +402,8 @@ def driver_child(star: str, out: str, job: str, cluster: str, batch: int, chunks
     s = result.summary
     print(json.dumps({"phases": phases, "elapsed": time.perf_counter() - start, "job": t_job,
                       "task_seconds": s.seconds, "worker_peak": s.peak_worker_memory_bytes, "workers": shape,
-                      "finish_seconds": finish, "tail": max(0.0, last - pieces)}))
+                      "finish_seconds": finish, "tail": max(0.0, last - pieces), "graph_tasks": graph_tasks,
+                      "store_tasks": s.n_tasks}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,20 +421,20 @@ def main_table(rows: list[Row], refs: list[tuple[str, str]], n: int) -> str:
     """Rows with their wall time over each reference's (given as (method prefix, column label))."""
     by = {r.method: r for r in rows}
     refs = [(next((k for k in by if k.startswith(prefix)), ""), label) for prefix, label in refs]
-    head = ("| method | process wall s | CPU s | job s | tasks s | particles/s | "
+    head = ("| method | process wall s | + sync after | CPU s | job s | tasks s | particles/s | "
             + " | ".join(f"wall / {label}" for _, label in refs)
             + " | workers x threads | peak worker memory | process peak | note |")
-    lines = [head, "|---|" + "---:|" * (5 + len(refs)) + "---|---:|---:|---|"]
+    lines = [head, "|---|" + "---:|" * (6 + len(refs)) + "---|---:|---:|---|"]
     for r in rows:
         ratios = " | ".join(_r(r.wall, by[ref].wall if ref in by else None) for ref, _ in refs)
-        lines.append(f"| {r.method} | {_s(r.wall)} | {_s(r.cpu)} | {_s(r.job)} | {_s(r.tasks)} | {n / r.wall:,.0f} | "
+        lines.append(f"| {r.method} | {_s(r.wall)} | {_s(r.sync)} | {_s(r.cpu)} | {_s(r.job)} | {_s(r.tasks)} | {n / r.wall:,.0f} | "
                      f"{ratios} | {r.workers or '-'} | {common.fmt_bytes(r.worker_peak)} | "
                      f"{common.fmt_bytes(r.process_peak)} | {r.note} |")
     return "\n".join(lines)
 
 
-PHASES = ["interpreter", "imports", "cluster start", "open", "plan", "graph + submit", "tasks", "metadata",
-          "shut-down", "exit"]
+PHASES = ["interpreter", "imports", "cluster start", "open", "plan", "graph + submit", "tasks", "report",
+          "metadata", "shut-down", "exit"]
 
 
 def phases_table(rows: list[tuple[Method, Row]]) -> str:
@@ -515,10 +541,11 @@ def main() -> None:
             common.clean(out, *m.strays())
             out.mkdir()
             common.warm_up(ps)
-            wall, peak, stdout, _ = common.run_timed(m.cmd(out), cwd=work)
+            wall, peak, stdout, synced = common.run_timed(m.cmd(out), cwd=work)
             if m.check:
                 m.check(out)
-            row = parse(m, wall, peak, stdout)
+            row = parse(m, wall, peak, stdout, out)
+            row.sync = synced
             if m.name not in best or row.wall < best[m.name].wall:
                 best[m.name] = row
             print(f"  round {rep + 1}: {m.name}: {wall:.2f} s", flush=True)
