@@ -350,12 +350,16 @@ def copy_loop(star: Path, out: Path, batch: int, fsync: bool) -> dict:
     return {"seconds": time.perf_counter() - t0, "n": n}
 
 
-def fft_loop(star: Path, out: Path, box: int, lowpass: float | None, recenter: bool, threads: int) -> dict:
+def fft_loop(star: Path, out: Path, box: int, lowpass: float | None, recenter: bool, threads: int,
+             fsync: bool = False, use_kernels: bool = False) -> dict:
     """Reference: per stack, read its particles in use into one array, rfft2 (ducc0), crop the
-    spectrum, irfft2, write float32 (one output file per source stack).
+    spectrum, irfft2, write float32 (one output file per source stack; ``fsync`` syncs each).
 
-    With lowpass or recentring the spectrum goes through ``dparticles.kernels.downsample``
-    (the same ducc0 calls plus the filter and phase ramp), still one stack at a time.
+    With lowpass, recentring or ``use_kernels`` the spectrum goes through
+    ``dparticles.kernels.downsample`` (the same ducc0 calls plus the filter and phase ramp, and
+    the padding to whole groups of images that makes outputs independent of the chunking), still
+    one stack at a time. Reports each stack's seconds (read, FFTs, write), the syncs' apart, and the
+    process's CPU seconds.
     """
     import ducc0.fft
 
@@ -365,10 +369,12 @@ def fft_loop(star: Path, out: Path, box: int, lowpass: float | None, recenter: b
     runs = _runs(star)
     shifts = _origins(star) / PIXEL_SIZE if recenter else None
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     top, bottom, cols = box // 2 + 1, box // 2 - 1, box // 2 + 1
     row = 0
+    stack_seconds, synced = [], 0.0
     for path, group in itertools.groupby(runs, key=lambda r: r[0]):  # one output file per source stack
+        t_stack = time.perf_counter()
         group = list(group)  # one run per stack for all.star; several for a selection
         images = np.empty((sum(b - a for _, a, b in group), BOX, BOX), dtype="<f4")
         with open(path, "rb", buffering=0) as f:
@@ -381,7 +387,7 @@ def fft_loop(star: Path, out: Path, box: int, lowpass: float | None, recenter: b
                         raise SystemExit(f"{path}: shorter than its header says")
                     view, pos = view[got:], pos + got
                 k += b - a
-        if lowpass is None and shifts is None:
+        if lowpass is None and shifts is None and not use_kernels:
             spec = ducc0.fft.r2c(images, axes=(1, 2), nthreads=threads)
             crop = np.concatenate([spec[:, :top, :cols], spec[:, BOX - bottom:, :cols]], axis=1)
             crop *= np.float32(1.0 / (BOX * BOX))  # keep the mean, as RELION and dparticles do
@@ -393,8 +399,15 @@ def fft_loop(star: Path, out: Path, box: int, lowpass: float | None, recenter: b
         with open(out / Path(path).name, "wb") as f:
             f.write(stack_header(len(small), box, np.dtype("<f4"), PIXEL_SIZE * BOX / box, "fft loop"))
             f.write(small.astype("<f4", copy=False).data)
+            f.flush()
+            t_sync = time.perf_counter()
+            if fsync:
+                os.fsync(f.fileno())
+        stack_seconds.append(t_sync - t_stack)
+        synced += time.perf_counter() - t_sync
         row += len(images)
-    return {"seconds": time.perf_counter() - t0, "n": row}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0, "n": row,
+            "stack_seconds": stack_seconds, "fsync_seconds": synced}
 
 
 def _origins(star: Path) -> np.ndarray:
@@ -440,6 +453,7 @@ def _main() -> None:
     p.add_argument("--lowpass", type=float)
     p.add_argument("--recenter", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kernels", action="store_true", help="fft-loop: every stack through dparticles.kernels")
     p.add_argument("--options", default="{}", help="JSON keywords for the API call")
     p.add_argument("--cluster", default="{}", help="JSON cluster_client keywords")
     p.add_argument("--piece-mb", type=float, help="dparticles.piece-bytes (largest piece of a copy), in MiB")
@@ -447,7 +461,7 @@ def _main() -> None:
     if a.what == "copy-loop":
         report = copy_loop(a.star, a.out, a.batch, a.fsync)
     elif a.what == "fft-loop":
-        report = fft_loop(a.star, a.out, a.box, a.lowpass, a.recenter, a.threads)
+        report = fft_loop(a.star, a.out, a.box, a.lowpass, a.recenter, a.threads, a.fsync, a.kernels)
     else:
         report = api(a.what[4:], a.star, a.out, json.loads(a.options), json.loads(a.cluster), a.piece_mb)
     print(json.dumps(report))
