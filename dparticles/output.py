@@ -218,7 +218,8 @@ def at_job_end(end: Callable[[bool], None]) -> None:
         ends.append(end)
 
 
-def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, job: str, token: str) -> Path:
+def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, job: str, token: str,
+                   inputs_checked: bool = False) -> Path:
     """Check that ``out`` may be written, lock it for this run, and return it (absolute).
 
     Refuses a folder that is or holds an input, a file, and a link to nothing; a link to a folder
@@ -229,13 +230,15 @@ def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, job: str, toke
     says dparticles wrote it, and that holds nothing else, has what dparticles wrote removed;
     anything else is refused and left as it is. Temporaries of dead runs are removed once the lock
     is ours. Call it from a job decorated with :func:`hold_outputs` (which releases the lock);
-    otherwise the lock is held until the process ends.
+    otherwise the lock is held until the process ends. ``inputs_checked``: the caller has just
+    refused ``out`` against the inputs (:func:`refuse_inputs`, a look at every stack), not done again.
     """
     named = Path(out).absolute()
     if named.is_symlink() and not named.exists():
         raise ParticleError(f"the output is a symbolic link to {os.readlink(named)}, which does not exist; "
                             "give an existing folder or a new path", path=named)
-    refuse_inputs(named, ds)
+    if not inputs_checked:
+        refuse_inputs(named, ds)
     folder = Path(os.path.realpath(named))
     if folder.exists() and not folder.is_dir():
         raise ParticleError("output exists and is not a folder", path=named)

@@ -77,6 +77,7 @@ class _Plan:
     files: np.ndarray  # file boundaries (particle rows)
     names: list[str]
     token: str
+    pixel: np.ndarray  # pixel size of each file (that of its first particle)
     pieces: np.ndarray  # boundaries of the pieces tasks write: dask chunks, or copies of piece-bytes
     copy: tuple | None  # (paths, first_run, codes, starts, lengths): source ranges of each segment
     kept: np.ndarray  # bool per file: complete and verified from an earlier run
@@ -87,7 +88,7 @@ class _Plan:
     def file(self, k: int, nonce: str) -> tuple:
         """What a task needs to open file ``k``: final name, run nonce, images, box, mode, pixel size."""
         a, b = int(self.files[k]), int(self.files[k + 1])
-        return (self.final(k), nonce, b - a, int(self.ds.sizes["x"]), self.dtype, float(self.ds["pixel_size"].values[a]))
+        return (self.final(k), nonce, b - a, int(self.ds.sizes["x"]), self.dtype, float(self.pixel[k]))
 
     def header(self, k: int) -> bytes:
         _, _, n, box, dtype, pixel_size = self.file(k, "")
@@ -237,17 +238,18 @@ def _plan(ds: xr.Dataset, out: Path, batch_size: int, float16: bool) -> _Plan:
     files = chunk_bounds(n, batch_size)
     names = [f"stacks/batch_{k:06d}.mrcs" for k in range(len(files) - 1)]
     pixel = ds["pixel_size"].values[files[:-1]]
-    token = tokenize("to_stacks", images.name, dtype, batch_size, pixel, _sources_stamp(ds))
+    token = tokenize("to_stacks", images.name, dtype, batch_size, pixel, *_sources_stamp(ds))
     image_bytes = ds.sizes["y"] * ds.sizes["x"] * np.dtype(dtype).itemsize
     if copy is not None:
         pieces = chunk_bounds(n, max(1, min(_piece_bytes() // image_bytes, -(-n // MIN_PIECES))))
         runs = byte_runs(ds["stack_id"].values, ds["image_index"].values, np.union1d(pieces, files),
                                 image_bytes, ds["stack_offset"].values)
-        copy = (tuple(ds["stack_path"].values.astype(str)), *runs)
+        first_run, codes, starts, lengths = runs
+        # an object array of the paths is one value to dask (never walked item by item) and pickles fast
+        copy = (ds["stack_path"].values.astype(str).astype(object), first_run, codes.astype(np.int32), starts, lengths)
     else:
         pieces = np.concatenate([[0], np.cumsum(images.chunks[0])]).astype(np.int64)
-    plan = _Plan(ds, out, dtype, files, names, token, pieces, copy, np.zeros(len(names), dtype=bool))
-    return plan
+    return _Plan(ds, out, dtype, files, names, token, pixel, pieces, copy, np.zeros(len(names), dtype=bool))
 
 
 def _prepare(plans: list[_Plan], overwrite: bool, label: str) -> None:
@@ -266,7 +268,7 @@ def _prepare(plans: list[_Plan], overwrite: bool, label: str) -> None:
     def filled(p: _Plan) -> bool:
         return not overwrite and p.out.is_dir() and any(p.out.iterdir())
     for p in sorted(plans, key=lambda p: not filled(p)):
-        p.out = prepare_output(p.out, p.ds, overwrite=overwrite, job=label, token=p.token)
+        p.out = prepare_output(p.out, p.ds, overwrite=overwrite, job=label, token=p.token, inputs_checked=True)
         (p.out / "stacks").mkdir(exist_ok=True)
         (p.out / RECORDS).mkdir(exist_ok=True)
 
@@ -335,17 +337,15 @@ def _whole(index: object) -> bool:
     return isinstance(index, slice) and index.start in (None, 0) and index.step in (None, 1) and index.stop is None
 
 
-def _sources_stamp(ds: xr.Dataset) -> list:
-    """Size, times and inode of every source file: a rewritten stack changes ``st_ctime``, whatever
-    its size and modification time, so work kept from an earlier run is never stale."""
+def _sources_stamp(ds: xr.Dataset) -> tuple[str, np.ndarray]:
+    """Every source file's path (joined in one string) and its size, times and inode (an array): a
+    rewritten stack changes ``st_ctime``, whatever its size and modification time, so work kept from
+    an earlier run is never stale. One string and one array tokenize in milliseconds at 100,000 stacks."""
     files = list(ds["stack_path"].values.astype(str)) if "stack_path" in ds.coords else []
     if "zarr" in ds.attrs:
         files.append(str(Path(ds.attrs["zarr"]) / "images" / "zarr.json"))
-    stamps = []
-    for p in files:
-        st = os.stat(p)
-        stamps.append((p, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-    return stamps
+    stats = [(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for st in map(os.stat, files)]
+    return "\0".join(files), np.array(stats, dtype=np.int64).reshape(-1, 4)
 
 
 def _record(plan: _Plan, k: int) -> dict:
@@ -362,25 +362,18 @@ def _copy_args(plan: _Plan, s0: int, s1: int) -> tuple:
     return tuple(paths[c] for c in used.tolist()), local.astype(np.int32), starts[lo:hi], lengths[lo:hi]
 
 
-def _piece_copies(plan: _Plan, segs: list[tuple]) -> tuple[tuple, list[tuple]]:
-    """A piece's copy segments with their source ranges, the stacks numbered within the piece (so a
-    task carries only the paths it reads)."""
-    paths, _, codes, starts, lengths = plan.copy
-    lo, hi = segs[0][1], segs[-1][2]
-    used, local = np.unique(codes[lo:hi], return_inverse=True)
-    local = local.astype(np.int32)
-    out = [(file, local[a - lo:b - lo], starts[a:b], lengths[a:b], offset, record)
-           for file, a, b, offset, record in segs]
-    return tuple(paths[c] for c in used.tolist()), out
-
-
 def _keep_verified(plans: list[_Plan], client) -> None:
     """Find the files an earlier run of the same data completed, check them on the cluster, and mark
     those that pass as kept; remove the rest, so that they are written anew."""
     checks = []
     for plan in plans:
         segments = np.union1d(plan.pieces, plan.files)
+        # one listing of each folder, not a look per file: only names there can be kept or stale
+        there = set(os.listdir(plan.out / "stacks"))
+        there.update(name.removesuffix(".json") for name in os.listdir(plan.out / RECORDS))
         for k, name in enumerate(plan.names):
+            if os.path.basename(name) not in there:
+                continue
             final = plan.final(k)
             record = read_record(record_path(final))  # None for anything but a regular file of JSON
             if record is None or record.get("token") != plan.token or not is_regular(final):
@@ -406,7 +399,11 @@ def _keep_verified(plans: list[_Plan], client) -> None:
 def _graph(plans: list[_Plan], nonce: str) -> tuple[HighLevelGraph, list, int]:
     """One graph for every output: a task per piece (a dask chunk, or piece-bytes of copies) writing
     its rows into each file they belong to, finishing the files that lie wholly in it; a finish task
-    per file that spans pieces. Tasks scale with the data, not with the number of files."""
+    per file that spans pieces. Tasks scale with the data, not with the number of files.
+
+    Copies carry their source ranges as three arrays per piece, and name their stacks by number in
+    one table of paths, a single value of the graph that each worker receives once: a task's size
+    does not grow with the stacks it reads (a shuffled piece reads from most of them)."""
     graphs, keys, nbytes = [], [], 0
     for plan in plans:
         piece, finish = f"piece-{plan.token}", f"finish-{plan.token}"
@@ -417,24 +414,27 @@ def _graph(plans: list[_Plan], nonce: str) -> tuple[HighLevelGraph, list, int]:
         seg_file = np.searchsorted(plan.files, bounds[:-1], side="right") - 1
         first_seg = np.searchsorted(bounds, plan.files)  # file k is segments first_seg[k]:first_seg[k+1]
         whole = np.diff(first_seg) == 1  # the file lies in one piece
+        todo = np.flatnonzero(~plan.kept[seg_file])
+        offsets = HEADER_BYTES + (bounds[:-1] - plan.files[seg_file]) * image_bytes
+        # a segment's rows within its piece: images of the chunk, or runs of the piece's copy ranges
+        rows = plan.copy[1] if plan.copy is not None else bounds
+        starts = rows[np.searchsorted(bounds, plan.pieces[seg_piece])]
+        nbytes += int(np.diff(bounds)[todo].sum()) * image_bytes
+        records = {k: _record(plan, k) for k in np.flatnonzero(whole & ~plan.kept).tolist()}
         segments: dict[int, list] = {}
-        for sg in np.flatnonzero(~plan.kept[seg_file]).tolist():
+        for sg in todo.tolist():
             p, k = int(seg_piece[sg]), int(seg_file[sg])
-            a, b = int(bounds[sg]), int(bounds[sg + 1])
-            offset = HEADER_BYTES + (a - int(plan.files[k])) * image_bytes
-            record = _record(plan, k) if whole[k] else None
-            file = plan.file(k, nonce)
-            if plan.copy is not None:  # source ranges: run indices now, a piece's own codes below
-                first_run = plan.copy[1]
-                segments.setdefault(p, []).append((file, int(first_run[sg]), int(first_run[sg + 1]), offset, record))
-            else:
-                lo = a - int(plan.pieces[p])
-                segments.setdefault(p, []).append((file, lo, lo + b - a, offset, record))
-            nbytes += (b - a) * image_bytes
+            lo, hi = int(rows[sg] - starts[sg]), int(rows[sg + 1] - starts[sg])
+            segments.setdefault(p, []).append((plan.file(k, nonce), lo, hi, int(offsets[sg]), records.get(k)))
         dsk: dict = {}
+        if plan.copy is not None:
+            paths, first_run, codes, run_starts, lengths = plan.copy
+            table = f"stack-paths-{plan.token}"
+            dsk[table] = paths
         for p, segs in segments.items():
             if plan.copy is not None:
-                dsk[(piece, p)] = (copy_segments, *_piece_copies(plan, segs))
+                lo, hi = first_run[np.searchsorted(bounds, plan.pieces[p:p + 2])]
+                dsk[(piece, p)] = (copy_segments, table, codes[lo:hi], run_starts[lo:hi], lengths[lo:hi], segs)
             else:
                 dsk[(piece, p)] = (write_segments, (arr.name, p, 0, 0), segs, int(plan.pieces[p]))
             keys.append((piece, p))

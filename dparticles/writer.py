@@ -76,32 +76,29 @@ def copy_piece(paths: Sequence[str], codes: np.ndarray, starts: np.ndarray, leng
                file: tuple, offset: int) -> dict:
     """Copy byte ranges ``[starts, starts + lengths)`` of the source files ``paths[codes]`` one after
     another into the temporary ``file`` (as :func:`write_piece`) from ``offset``, in the kernel where
-    it can (never decoded)."""
+    it can (never decoded). Each source is opened once: its ranges are copied together, each to its
+    own place (a shuffled selection alternates between stacks at every image)."""
+    dest = offset + np.cumsum(lengths) - lengths
+    order = np.argsort(codes, kind="stable")
+    cuts = np.flatnonzero(np.diff(codes[order])) + 1
     fd = _open(file)
-    pos, total = offset, 0
     try:
-        k = 0
-        while k < len(codes):  # consecutive ranges of one source share an open file
-            j = k
-            while j + 1 < len(codes) and codes[j + 1] == codes[k]:
-                j += 1
-            src = os.open(paths[codes[k]], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        for group in np.split(order, cuts) if len(order) else []:
+            path = paths[codes[group[0]]]
+            src = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             try:
-                for start, length in zip(starts[k:j + 1].tolist(), lengths[k:j + 1].tolist()):
+                for start, length, pos in zip(starts[group].tolist(), lengths[group].tolist(), dest[group].tolist()):
                     done = _copy_range(src, fd, length, start, pos)
                     if done != length:
                         raise ParticleError(f"stack ended early: expected {length} bytes from byte {start}, "
-                                            f"read {done}", path=paths[codes[k]])
-                    pos += length
-                    total += length
+                                            f"read {done}", path=path)
             finally:
                 os.close(src)
-            k = j + 1
     except OSError as exc:
         raise _write_error(exc, file[0]) from exc
     finally:
         os.close(fd)
-    return {"n": None, "bytes": total, "f16_max": 0.0, "f16_sq": 0.0}
+    return {"n": None, "bytes": int(lengths.sum()), "f16_max": 0.0, "f16_sq": 0.0}
 
 
 def write_segments(block: np.ndarray, segments: list[tuple], first: int) -> dict[str, dict]:
@@ -117,12 +114,14 @@ def write_segments(block: np.ndarray, segments: list[tuple], first: int) -> dict
     return done
 
 
-def copy_segments(paths: Sequence[str], segments: list[tuple]) -> dict[str, dict]:
-    """As :func:`write_segments` for unchanged pixels: each segment is ``(file, codes, starts,
-    lengths, offset, record)``, source byte ranges copied by :func:`copy_piece`."""
+def copy_segments(paths: Sequence[str], codes: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                  segments: list[tuple]) -> dict[str, dict]:
+    """As :func:`write_segments` for unchanged pixels: the piece's source byte ranges are
+    ``(paths[codes], starts, lengths)``, and each segment ``(file, lo, hi, offset, record)`` copies
+    ranges ``lo:hi`` of them with :func:`copy_piece`."""
     done = {}
-    for file, codes, starts, lengths, offset, record in segments:
-        done[file[0]] = copy_piece(paths, codes, starts, lengths, file, offset)
+    for file, lo, hi, offset, record in segments:
+        done[file[0]] = copy_piece(paths, codes[lo:hi], starts[lo:hi], lengths[lo:hi], file, offset)
         if record is not None:
             finish_file(file, record, [done])
     return done
