@@ -28,12 +28,32 @@ class ChunkReads(NamedTuple):
     order: np.ndarray | None
 
 
+class ReadPlan(NamedTuple):
+    """What every chunk reads (``plan_chunks``), as a few flat arrays rather than an object per chunk.
+
+    Chunk ``j`` reads ``runs[run_bounds[j]:run_bounds[j+1]]``, rows ``(stack, start, stop)`` in which
+    ``stack`` numbers the chunk's own stacks, ``stacks[stack_bounds[j]:stack_bounds[j+1]]`` (ids,
+    ascending), from 0. ``order[bounds[j]:bounds[j+1]]`` puts the images it reads back in metadata
+    order; it is needed only where ``reorder[j]`` (elsewhere it is the identity)."""
+
+    runs: np.ndarray
+    run_bounds: np.ndarray
+    stacks: np.ndarray
+    stack_bounds: np.ndarray
+    order: np.ndarray
+    reorder: np.ndarray
+
+
+BLOCK = 2**18  # particles planned at a time: the temporaries are a few dozen bytes each, whatever the set
+
+
 def plan_reads(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) -> list[ChunkReads]:
     """For each chunk ``[bounds[k], bounds[k+1])``, its reads in source order and the way back.
 
     The chunk's particles are sorted (stably) by ``(stack_id, image_index)``; an image listed twice
     is read once; neighbouring images of one stack make one run. ``images_read[order]`` is the
     chunk in metadata order. Arrays are compact (the smallest integer type that holds them).
+    ``plan_chunks`` gives the same as flat arrays, without an object per chunk.
 
     | chunk | particles (stack, index) | runs (stack, start, stop) | order     |
     |-------|--------------------------|---------------------------|-----------|
@@ -55,38 +75,101 @@ def plan_reads(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) -
     >>> same.runs.tolist(), same.order is None
     ([[0, 2, 4], [1, 0, 1]], True)
     """
-    stack_ids = np.asarray(stack_ids, dtype=np.int64)
-    indices = np.asarray(indices, dtype=np.int64)
+    plan = plan_chunks(stack_ids, indices, bounds)
+    if not len(plan.reorder):
+        return []
+    runs = plan.runs.astype(_compact([_top(plan.stacks), _top(plan.runs)]))
+    out = []
+    for j, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        r = runs[plan.run_bounds[j]:plan.run_bounds[j + 1]].copy()
+        r[:, 0] = plan.stacks[plan.stack_bounds[j]:plan.stack_bounds[j + 1]][r[:, 0]]
+        out.append(ChunkReads(r, plan.order[a:b].astype(_compact(b - a)) if plan.reorder[j] else None))
+    return out
+
+
+def plan_chunks(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) -> ReadPlan:
+    """``plan_reads`` for every chunk at once, as flat arrays (see ``ReadPlan``).
+
+    Planned ``BLOCK`` particles (whole chunks) at a time, so that the sort and its temporaries take
+    tens of MB whatever the number of particles; what is kept is compact: ``order`` in the smallest
+    type that holds a chunk's rows, ``runs`` in the smallest that holds an image index (the stacks
+    are numbered within their chunk).
+
+    >>> p = plan_chunks(np.array([1, 0, 0, 1, 0]), np.array([4, 7, 6, 3, 7]), np.array([0, 3, 5]))
+    >>> p.runs.tolist(), p.run_bounds.tolist(), p.stacks.tolist(), p.stack_bounds.tolist()
+    ([[0, 6, 8], [1, 4, 5], [0, 7, 8], [1, 3, 4]], [0, 2, 4], [0, 1, 0, 1], [0, 2, 4])
+    >>> p.order.tolist(), p.reorder.tolist()
+    ([2, 1, 0, 1, 0], [True, True])
+    """
+    stack_ids = np.asarray(stack_ids)
+    indices = np.asarray(indices)
     bounds = np.asarray(bounds, dtype=np.int64)
     n, k = len(indices), len(bounds) - 1
-    if k < 1:
-        return []
-    if bounds[0] != 0 or bounds[-1] != n or (np.diff(bounds) < 0).any():
+    if k >= 1 and (bounds[0] != 0 or bounds[-1] != n or (np.diff(bounds) < 0).any()):
         raise ValueError(f"chunk bounds must rise from 0 to {n}")
-    chunk_of = np.repeat(np.arange(k, dtype=np.int64), np.diff(bounds))
+    widest = int(np.diff(bounds).max(initial=1))
+    order = np.empty(n, dtype=_compact(widest - 1))
+    run_type, stack_type = _compact([widest, _top(indices) + 1]), _compact(_top(stack_ids))
+    parts = []
+    j = 0
+    while j < k:  # a block of whole chunks, about BLOCK particles
+        stop = min(k, max(j + 1, int(np.searchsorted(bounds, bounds[j] + BLOCK, side="right")) - 1))
+        a, b = int(bounds[j]), int(bounds[stop])
+        runs, run_bounds, stacks, stack_bounds, reorder = _plan_block(stack_ids[a:b], indices[a:b],
+                                                                      bounds[j:stop + 1] - a, order[a:b])
+        parts.append((runs.astype(run_type), run_bounds, stacks.astype(stack_type), stack_bounds, reorder))
+        j = stop
+    runs = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 3), dtype=run_type)
+    run_bounds = _join_bounds([p[1] for p in parts])
+    stacks = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, dtype=stack_type)
+    stack_bounds = _join_bounds([p[3] for p in parts])
+    reorder = np.concatenate([p[4] for p in parts]) if parts else np.zeros(0, dtype=bool)
+    return ReadPlan(runs, run_bounds, stacks, stack_bounds, order, reorder)
+
+
+def _plan_block(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray, order: np.ndarray) -> tuple:
+    """One block of chunks: (runs with stacks numbered per chunk, run bounds, stacks, stack bounds,
+    reorder), filling ``order`` (the block's rows of it)."""
+    n, k = len(indices), len(bounds) - 1
+    sizes = np.diff(bounds)
+    chunk_of = np.repeat(np.arange(k, dtype=np.int64), sizes)
     perm = _sort_by(chunk_of, stack_ids, indices)
-    c, s, i = chunk_of[perm], stack_ids[perm], indices[perm]
+    s, i = stack_ids[perm].astype(np.int64, copy=False), indices[perm].astype(np.int64, copy=False)
     new = np.ones(n, dtype=bool)  # the first of each distinct image of a chunk, in sorted order
-    new[1:] = (c[1:] != c[:-1]) | (s[1:] != s[:-1]) | (i[1:] != i[:-1])
-    uc, us, ui = c[new], s[new], i[new]
-    slot = np.cumsum(new) - 1  # row of each sorted particle among all distinct images
-    first_slot = np.searchsorted(uc, np.arange(k))  # row of each chunk's first distinct image
-    local = np.empty(n, dtype=np.int64)
-    local[perm] = slot - first_slot[c]
-    wrong = np.bincount(chunk_of[local != np.arange(n) - bounds[chunk_of]], minlength=k)
-    brk = np.ones(len(ui), dtype=bool)
+    new[1:] = (chunk_of[1:] != chunk_of[:-1]) | (s[1:] != s[:-1]) | (i[1:] != i[:-1])
+    slot = np.cumsum(new)  # 1 + row of each sorted particle among the block's distinct images
+    before = np.where(bounds[:-1] > 0, slot[np.maximum(bounds[:-1] - 1, 0)], 0)  # distinct before each chunk
+    slot -= np.repeat(before + 1, sizes)  # row among its chunk's distinct images
+    order[perm] = slot
+    del slot
+    reorder = np.bincount(chunk_of[(perm != np.arange(n)) | ~new], minlength=k) > 0
+    del perm
+    uc, us, ui = chunk_of[new], s[new], i[new]
+    del s, i, new
+    brk = np.ones(len(ui), dtype=bool)  # where a run starts
     brk[1:] = (uc[1:] != uc[:-1]) | (us[1:] != us[:-1]) | (ui[1:] != ui[:-1] + 1)
     starts = np.flatnonzero(brk)
-    stops = np.append(starts[1:], len(ui))
-    runs = np.stack([us[starts], ui[starts], ui[starts] + (stops - starts)], axis=1)
-    runs = runs.astype(_compact(runs), copy=False)
-    run_bounds = np.searchsorted(uc[starts], np.arange(k + 1))
-    out = []
-    for j in range(k):  # one step per chunk: slices into the arrays above, copied compact
-        a, b = bounds[j], bounds[j + 1]
-        order = None if wrong[j] == 0 else local[a:b].astype(_compact(b - a), copy=True)
-        out.append(ChunkReads(runs[run_bounds[j]:run_bounds[j + 1]].copy(), order))
-    return out
+    lengths = np.diff(np.append(starts, len(ui)))
+    rc, rs = uc[starts], us[starts]
+    fresh = np.ones(len(starts), dtype=bool)  # runs that start a chunk's next stack
+    fresh[1:] = (rc[1:] != rc[:-1]) | (rs[1:] != rs[:-1])
+    local = np.cumsum(fresh) - 1
+    stack_bounds = np.searchsorted(rc[fresh], np.arange(k + 1))
+    local -= stack_bounds[rc]
+    runs = np.stack([local, ui[starts], ui[starts] + lengths], axis=1)
+    return runs, np.searchsorted(rc, np.arange(k + 1)), rs[fresh], stack_bounds, reorder
+
+
+def _join_bounds(parts: list[np.ndarray]) -> np.ndarray:
+    """Per-block bounds [0 .. m_b] joined into one [0 .. sum m_b]."""
+    if not parts:
+        return np.zeros(1, dtype=np.int64)
+    shift = np.cumsum([0] + [int(p[-1]) for p in parts[:-1]])
+    return np.concatenate([parts[0][:1]] + [p[1:] + d for p, d in zip(parts, shift)])
+
+
+def _top(values: np.ndarray) -> int:
+    return int(np.max(values, initial=0))
 
 
 def _sort_by(chunk_of: np.ndarray, stack_ids: np.ndarray, indices: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from dask.base import tokenize
 
 from dparticles.errors import ParticleError
 from dparticles.io.mrc import StackInfo, read_chunk, read_headers
-from dparticles.planning import chunk_bounds, plan_reads
+from dparticles.planning import chunk_bounds, plan_chunks
 
 
 def search_roots(metadata_path: Path, data_dir: str | os.PathLike | None) -> list[Path]:
@@ -149,21 +149,28 @@ def lazy_images(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.n
     """A dask array (particle, y, x) in metadata order, ``chunk`` particles per chunk.
 
     Each chunk is one task holding only what it reads: the headers of its stacks (path, offset,
-    mode), its runs in source order (stack, start, stop) and the order that puts them back in
-    metadata order, as compact integer arrays; no memory map and no whole-table array is captured
-    in the graph. Shuffled particles (after classification or random splits) are read sorted by
-    stack and image, each run of neighbouring images with one read.
+    mode; an object array, which dask passes as one value), its runs in source order (stack, start, stop) and the order that puts them back in
+    metadata order, as compact integer arrays (slices of the plan's, see ``planning.plan_chunks``);
+    no memory map and no whole-table array is captured in the graph. Shuffled particles (after
+    classification or random splits) are read sorted by stack and image, each run of neighbouring
+    images with one read.
     """
     n = len(indices)
     box = infos[0].ny
-    dtypes = {np.dtype(i.dtype).newbyteorder("=") for i in infos}
+    dtypes = {np.dtype(d).newbyteorder("=") for d in {i.dtype for i in infos}}
     dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
     bounds = chunk_bounds(n, chunk)
-    name = "particles-" + tokenize([(i.path, i.n, i.offset, i.dtype) for i in infos], stack_ids, indices, chunk)
+    headers = "\n".join(f"{i.path}\0{i.n}\0{i.offset}\0{i.dtype}" for i in infos)  # one string hashes fast
+    name = "particles-" + tokenize(headers, stack_ids, indices, chunk)
+    plan = plan_chunks(stack_ids, indices, bounds)
+    at, rb, sb = bounds.tolist(), plan.run_bounds.tolist(), plan.stack_bounds.tolist()
+    reorder = plan.reorder.tolist()
+    headers = np.empty(len(infos), dtype=object)  # a chunk's headers as one value: dask never walks it
+    headers[:] = infos
     dsk = {}
-    for k, (runs, order) in enumerate(plan_reads(stack_ids, indices, bounds)):
-        used, local = np.unique(runs[:, 0], return_inverse=True)  # the chunk's stacks, numbered from 0
-        runs[:, 0] = local
-        dsk[(name, k, 0, 0)] = (read_chunk, tuple(infos[s] for s in used.tolist()), runs, order, dtype.str)
+    for k in range(len(at) - 1):
+        used = headers[plan.stacks[sb[k]:sb[k + 1]]]
+        order = plan.order[at[k]:at[k + 1]] if reorder[k] else None
+        dsk[(name, k, 0, 0)] = (read_chunk, used, plan.runs[rb[k]:rb[k + 1]], order, dtype.str)
     chunks = (tuple(np.diff(bounds).tolist()), (box,), (box,))
     return da.Array(dsk, name, chunks, dtype=dtype)
