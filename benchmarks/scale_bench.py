@@ -166,16 +166,16 @@ OPEN_PHASES = {"read_star": "STAR read", "from_star": "canonical table", "_coord
 
 def open_phases() -> dict:
     """Time the stages of ``open_particles`` (wrapping the functions ``dparticles.dataset`` calls):
-    {stage: [seconds, peak resident memory so far, in bytes]}, filled as they run."""
+    {stage: [seconds, CPU seconds (all threads), peak resident memory so far in bytes]}, filled as they run."""
     import dparticles.dataset as dataset
 
     phases: dict = {}
 
     def timed_stage(fn, label):
         def run(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             result = fn(*args, **kwargs)
-            phases[label] = [time.perf_counter() - t0, peak_rss()]
+            phases[label] = [time.perf_counter() - t0, time.process_time() - c0, peak_rss()]
             return result
         return run
 
@@ -284,7 +284,8 @@ def main() -> None:
                       f"{time.perf_counter() - t0:.0f} s)", flush=True)
                 wall, peak, stdout, load = timed(me("--child", "open", str(star)))
                 r = json.loads(stdout.splitlines()[-1])
-                stages = "; ".join(f"{k} {t:.1f} s (peak {m / 2**30:.2f} GiB)" for k, (t, m) in r["phases"].items())
+                stages = "; ".join(f"{k} {t:.1f} s, CPU {c:.1f} s, peak {m / 2**30:.2f} GiB"
+                                   for k, (t, c, m) in r["phases"].items())
                 rows.append((n, r["stacks"], order, "open_particles", r["open"], peak, load,
                              f"STAR {size / 1e9:.2f} GB; imports {r['imports']:.1f} s; {stages}"))
                 print(rows[-1], flush=True)
