@@ -118,10 +118,10 @@ def test_simplify_and_resolve_whole_pieces():
 
 # --- whole files, read as RELION reads them --------------------------------------------------------
 
-@pytest.mark.parametrize("piece", [star.PIECE_BYTES, 64])
+@pytest.mark.parametrize("piece", [star.PIECE_BYTES, 64, 16])
 def test_hostile_file_reads_as_relion_reads_it(tmp_path, monkeypatch, piece):
     """One path for every file: quoted values elsewhere in the file leave ``#`` and quotes inside
-    unquoted values alone (in pieces of a line or two as well as in one)."""
+    unquoted values alone (in one piece, in pieces of a line or two, in pieces shorter than a line)."""
     monkeypatch.setattr(star, "PIECE_BYTES", piece)
     path = hostile(tmp_path)
     p = read_star(path, compact=True)["particles"]
