@@ -227,7 +227,7 @@ def _distinct(values: pd.Series, path: Path) -> tuple[np.ndarray, np.ndarray, np
         used = first < len(codes)
     order = np.argsort(names.astype(str), kind="stable")
     order = order[used[order]]
-    rank = np.full(k, -1, dtype=np.int64)
+    rank = np.full(k, -1, dtype=np.int32 if k < 2**31 else np.int64)  # stack ids: 4 bytes a particle
     rank[order] = np.arange(len(order))
     return names[order].astype(str), first[order].astype(np.int64), rank[codes]
 
@@ -254,7 +254,7 @@ def _objects(cat: pd.Categorical) -> np.ndarray:
     codes = cat.codes
     if len(codes) > 1 and len(cat.categories) == 1 and (codes == 0).all():
         return np.broadcast_to(table[:1], (len(codes),))
-    return table[np.where(codes < 0, len(table) - 1, codes)]
+    return table[codes]  # a missing value's code, -1, takes the last entry: NaN
 
 
 def _text(values: np.ndarray) -> xr.Variable:

@@ -122,7 +122,7 @@ def read_infos(paths: Sequence[str], threads: int = 16) -> list[StackInfo]:
 def check_indices(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.ndarray,
                   names: np.ndarray, metadata_path: Path) -> None:
     """Every index must lie inside its stack, and every stack must hold square images."""
-    counts = np.array([i.n for i in infos], dtype=np.int64)
+    counts = np.array([i.n for i in infos], dtype=np.int32)  # MRC nz is an int32: 4 bytes a particle below
     beyond = indices >= counts[stack_ids]
     if beyond.any():
         row = int(np.flatnonzero(beyond)[0])
