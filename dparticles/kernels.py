@@ -301,3 +301,29 @@ def _apply_ramp(block: np.ndarray, shifts: np.ndarray, ky: np.ndarray, kx: np.nd
     ey = np.exp(-2j * np.pi * (ty - np.round(ty))).astype(np.complex64)
     block *= ey[:, :, None]
     block *= ex[:, None, :]
+
+
+def downsample_chunk(images: np.ndarray, psize: np.ndarray, shift_x: np.ndarray | None = None,
+                     shift_y: np.ndarray | None = None, *, crop_box: int | None, boxes: tuple[int, ...],
+                     lowpass: float | None) -> tuple[np.ndarray, ...]:
+    """One chunk of :func:`dparticles.ops.downsample`: crop/pad, then one FFT per image for all
+    ``boxes``; particles of different pixel sizes (``psize``, one per image) get their own lowpass
+    filter. Returns one float32 stack per box. It lives here, beside the kernels, so that a worker
+    running it imports numpy and ducc0 only."""
+    if crop_box is not None:
+        images = crop_pad(images, crop_box)
+    shifts = None if shift_x is None else np.stack([shift_x, shift_y], axis=1)
+    if lowpass is None and shifts is None and all(b == images.shape[-1] for b in boxes):
+        images = np.asarray(images, dtype=np.float32)
+        return tuple(images for _ in boxes)
+    if lowpass is None or len(np.unique(psize)) < 2:  # the pixel size matters only to the filter
+        return tuple(downsample(images, boxes, pixel_size=float(psize[0]) if len(psize) else 1.0,
+                                lowpass=lowpass, shifts=shifts))
+    outs = tuple(np.empty((len(images), b, b), dtype=np.float32) for b in boxes)
+    for p in np.unique(psize):
+        sel = psize == p
+        parts = downsample(images[sel], boxes, pixel_size=float(p), lowpass=lowpass,
+                           shifts=None if shifts is None else shifts[sel])
+        for out, part in zip(outs, parts):
+            out[sel] = part
+    return outs

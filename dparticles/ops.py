@@ -16,6 +16,7 @@ FFT per image (computed together, e.g. ``dask.compute(a.images, b.images)``, the
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Sequence
 
@@ -248,39 +249,11 @@ def _images(ds: xr.Dataset, crop_box: int | None, boxes: tuple[int, ...], lowpas
     arrays = [a for arr in per_particle for a in (arr, "p")]
     meta = np.empty((0, 0, 0), dtype=np.float32)
     # blocks of this layer are tuples of stacks, one per box: never computed alone, only picked from
-    outputs = da.blockwise(_block, "pyx", images, "pyx", *arrays, crop_box=crop_box, boxes=boxes,
+    outputs = da.blockwise(kernels.downsample_chunk, "pyx", images, "pyx", *arrays, crop_box=crop_box, boxes=boxes,
                            lowpass=lowpass, token="downsample", dtype=np.float32, meta=meta)
-    return [da.map_blocks(_pick, outputs, k, chunks=(images.chunks[0], (b,), (b,)), dtype=np.float32, meta=meta,
+    return [da.map_blocks(operator.getitem, outputs, k, chunks=(images.chunks[0], (b,), (b,)), dtype=np.float32, meta=meta,
                           token=f"downsample-box{b}")
             for k, b in enumerate(boxes)]
-
-
-def _block(images: np.ndarray, psize: np.ndarray, shift_x: np.ndarray | None = None,
-           shift_y: np.ndarray | None = None, *, crop_box: int | None, boxes: tuple[int, ...],
-           lowpass: float | None) -> tuple[np.ndarray, ...]:
-    """One chunk: crop/pad, then one FFT per image for all ``boxes``; particles of different pixel
-    sizes get their own lowpass filter. Returns one float32 stack per box."""
-    if crop_box is not None:
-        images = kernels.crop_pad(images, crop_box)
-    shifts = None if shift_x is None else np.stack([shift_x, shift_y], axis=1)
-    if lowpass is None and shifts is None and all(b == images.shape[-1] for b in boxes):
-        images = np.asarray(images, dtype=np.float32)
-        return tuple(images for _ in boxes)
-    if lowpass is None or len(np.unique(psize)) < 2:  # the pixel size matters only to the filter
-        return tuple(kernels.downsample(images, boxes, pixel_size=float(psize[0]) if len(psize) else 1.0,
-                                        lowpass=lowpass, shifts=shifts))
-    outs = tuple(np.empty((len(images), b, b), dtype=np.float32) for b in boxes)
-    for p in np.unique(psize):
-        sel = psize == p
-        parts = kernels.downsample(images[sel], boxes, pixel_size=float(p), lowpass=lowpass,
-                                   shifts=None if shifts is None else shifts[sel])
-        for out, part in zip(outs, parts):
-            out[sel] = part
-    return outs
-
-
-def _pick(outputs: tuple[np.ndarray, ...], k: int) -> np.ndarray:
-    return outputs[k]
 
 
 def _result(ds: xr.Dataset, images: da.Array, new_psize: np.ndarray, box: int, mic: np.ndarray | None,
