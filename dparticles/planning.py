@@ -101,8 +101,7 @@ def plan_chunks(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) 
     >>> p.order.tolist(), p.reorder.tolist()
     ([2, 1, 0, 1, 0], [True, True])
     """
-    stack_ids = np.asarray(stack_ids)
-    indices = np.asarray(indices)
+    stack_ids, indices = (a if a.dtype.kind in "iu" else a.astype(np.int64) for a in map(np.asarray, (stack_ids, indices)))
     bounds = np.asarray(bounds, dtype=np.int64)
     n, k = len(indices), len(bounds) - 1
     if k >= 1 and (bounds[0] != 0 or bounds[-1] != n or (np.diff(bounds) < 0).any()):
@@ -127,7 +126,8 @@ def plan_chunks(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) 
     return ReadPlan(runs, run_bounds, stacks, stack_bounds, order, reorder)
 
 
-def _plan_block(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray, order: np.ndarray) -> tuple:
+def _plan_block(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray,
+                order: np.ndarray) -> tuple[np.ndarray, ...]:
     """One block of chunks: (runs with stacks numbered per chunk, run bounds, stacks, stack bounds,
     reorder), filling ``order`` (the block's rows of it)."""
     n, k = len(indices), len(bounds) - 1
@@ -138,7 +138,9 @@ def _plan_block(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray, 
     new = np.ones(n, dtype=bool)  # the first of each distinct image of a chunk, in sorted order
     new[1:] = (chunk_of[1:] != chunk_of[:-1]) | (s[1:] != s[:-1]) | (i[1:] != i[:-1])
     slot = np.cumsum(new)  # 1 + row of each sorted particle among the block's distinct images
-    before = np.where(bounds[:-1] > 0, slot[np.maximum(bounds[:-1] - 1, 0)], 0)  # distinct before each chunk
+    before = np.zeros(k, dtype=np.int64)  # distinct images of the block before each chunk
+    inner = bounds[:-1] > 0
+    before[inner] = slot[bounds[:-1][inner] - 1]
     slot -= np.repeat(before + 1, sizes)  # row among its chunk's distinct images
     order[perm] = slot
     del slot
