@@ -158,19 +158,55 @@ def _reached(path: str, dirs: dict, hops: int = 0) -> tuple[str, tuple[str, ...]
 def refuse_inputs(out: Path, ds: xr.Dataset, flag: str = "--out") -> None:
     """Raise ParticleError if ``out`` is, or is a folder holding, any file ``ds`` reads, comparing
     paths as given and resolved, and counting every link on the way to an input: a stack reached
-    through a link inside ``out`` needs that link."""
+    through a link inside ``out`` needs that link.
+
+    Inputs are taken a folder at a time: the folder is resolved once and listed once for links
+    (100,000 stacks in one folder are not 100,000 looks); a file that is a link, and every file of a
+    folder that lies in ``out`` or of a small folder, is followed one by one."""
     named = os.path.normpath(os.path.abspath(out))
     targets = {named, os.path.realpath(named)}
+    exact = {os.path.split(t) for t in targets}  # (folder, name) of an input that would be the output itself
     dirs: dict = {}
+    cwd = os.getcwd()
+    folders: dict[str, list[tuple[str, str]]] = {}
     for f in _input_paths(ds):
-        real, met = _reached(f, dirs)
-        for p in (real, *met):
-            for t in targets:
-                if p == t or p.startswith(t.rstrip(os.sep) + os.sep):
-                    what = "output folder" if flag == "--out" else f"{flag} path"
-                    via = "" if p in (real, os.path.normpath(os.path.abspath(f))) else f", reached through {p}"
-                    raise ParticleError(f"the {what} is or holds an input ({real}{via}); choose another {flag}",
-                                        path=out)
+        plain = f.startswith(os.sep) and "/." not in f and "//" not in f and not f.endswith(os.sep)
+        head, _, name = (f if plain else os.path.normpath(os.path.join(cwd, f))).rpartition(os.sep)
+        if name:
+            folders.setdefault(head or os.sep, []).append((f, name))
+    for head, files in folders.items():
+        real_head, met = _reached(head, dirs)
+        links = _links(real_head) if len(files) >= 64 else None
+        one_by_one = links is None or any(_inside(p, t) for p in (real_head, *met, head) for t in targets)
+        for f, name in files:
+            if one_by_one or name in links or (real_head, name) in exact or (head, name) in exact:
+                _refuse_one(f, out, targets, dirs, flag)
+
+
+def _links(folder: str) -> set[str] | None:
+    """Names of the links in ``folder`` (one listing), or None if it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name for e in entries if e.is_symlink()}
+    except OSError:
+        return None
+
+
+def _inside(p: str, t: str) -> bool:
+    """Whether ``p`` is ``t`` or lies in it; for a folder ``p``, whether any file in it could."""
+    return p == t or p.startswith(t.rstrip(os.sep) + os.sep)
+
+
+def _refuse_one(f: str, out: Path, targets: set[str], dirs: dict, flag: str) -> None:
+    """Raise ParticleError if the input ``f`` is in ``out``, as named, resolved or through a link."""
+    real, met = _reached(f, dirs)
+    for p in (real, *met):
+        for t in targets:
+            if _inside(p, t):
+                what = "output folder" if flag == "--out" else f"{flag} path"
+                via = "" if p in (real, os.path.normpath(os.path.abspath(f))) else f", reached through {p}"
+                raise ParticleError(f"the {what} is or holds an input ({real}{via}); choose another {flag}",
+                                    path=out)
 
 
 # --- the output folder: refusals, lock, resume, overwrite ----------------------------------------

@@ -472,3 +472,43 @@ def test_float16_of_a_selection(real, tmp_path):
     assert largest == pytest.approx(float(np.abs(err).max()), rel=1e-2)
     assert rms == pytest.approx(float(np.sqrt(np.mean(np.square(err, dtype=np.float64)))), rel=1e-2)
     assert_rows_are_the_selection(real, tmp_path / "out", sel)
+
+
+def test_outputs_are_refused_against_many_stacks_of_one_folder(tmp_path):
+    """A folder of many stacks is looked at once, not stack by stack: the same refusals as one by one,
+    including a stack that is a link into the output and a folder reached through a link in it."""
+    import xarray as xr
+
+    from dparticles.output import refuse_inputs
+
+    movies = tmp_path / "Extract" / "Movies"
+    movies.mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.mrcs").write_bytes(b"")
+    paths = []
+    for k in range(70):
+        (movies / f"mic_{k:03d}.mrcs").write_bytes(b"")
+        paths.append(str(movies / f"mic_{k:03d}.mrcs"))
+
+    def check(stacks: list[str], out: Path) -> str | None:
+        ds = xr.Dataset(coords={"stack_path": ("stack", np.array(stacks, dtype=object))})
+        try:
+            refuse_inputs(out, ds)
+        except ParticleError as exc:
+            return str(exc)
+        return None
+
+    assert check(paths, tmp_path / "elsewhere") is None
+    assert check(paths, movies / "new") is None
+    assert "is or holds an input" in check(paths, movies)
+    assert "is or holds an input" in check(paths, tmp_path / "Extract")
+    assert "mic_005.mrcs" in check(paths, movies / "mic_005.mrcs")
+    os.unlink(movies / "mic_007.mrcs")
+    os.symlink(tmp_path / "out" / "kept.mrcs", movies / "mic_007.mrcs")
+    assert "out/kept.mrcs" in check(paths, tmp_path / "out")
+    os.unlink(movies / "mic_007.mrcs")
+    (movies / "mic_007.mrcs").write_bytes(b"")
+    assert check(paths, tmp_path / "out") is None
+    os.symlink(movies, tmp_path / "out" / "linked")
+    linked = [str(tmp_path / "out" / "linked" / os.path.basename(p)) for p in paths]
+    assert "reached through" in check(linked, tmp_path / "out")
