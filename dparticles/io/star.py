@@ -357,30 +357,29 @@ class _Source:
         self.pos = start
 
     def body(self):
-        """(file offset, piece) for pieces of whole lines from here to the end of the file, each read
-        by one ``pread`` (a line cut at the end of a read is read again with the next piece). Where a
-        loop ends is found by the parsers, in parallel (see :func:`_loop_end`)."""
+        """(file offset, bytes read, length of its whole lines) for pieces of whole lines from here to
+        the end of the file, each read by one ``pread``; a line cut at the end of a read is read again
+        with the next piece, and the parsers, not this thread, cut it off. Where a loop ends is also
+        found by the parsers, in parallel (see :func:`_loop_end`)."""
         offset, size = self.tell(), PIECE_BYTES
         while True:
             piece = os.pread(self.fd, size, offset)
             if not piece:
                 break
-            cut = piece.rfind(b"\n") + 1
-            if 0 < cut < len(piece):
-                piece = piece[:cut]
-            elif cut == 0 and len(piece) == size:  # a line longer than a piece: read more at once
+            cut = piece.rfind(b"\n") + 1 or len(piece)
+            if cut == len(piece) == size and not piece.endswith(b"\n"):  # a line longer than a piece: read more
                 size *= 2
                 continue
-            yield offset, piece
-            offset += len(piece)
+            yield offset, piece, cut
+            offset += cut
         self.seek(offset)
 
 
-def _loop_end(piece: bytes) -> int | None:
-    """Where the first line of a piece of whole lines that opens a data_ block starts; None if none."""
-    if _DATA_HERE.match(piece):
+def _loop_end(piece: bytes, end: int) -> int | None:
+    """Where the first line of ``piece[:end]`` (whole lines) that opens a data_ block starts; None if none."""
+    if _DATA_HERE.match(piece, 0, end):
         return 0
-    m = _next_data(piece, 0, len(piece))
+    m = _next_data(piece, 0, end)
     return None if m is None else m + 1
 
 
@@ -485,9 +484,9 @@ def _loop(labels: list[str], text: set[str], plain: set[str], as_string: list[st
     remaining = src.size - at
     pieces = src.body()
     first, numbered, stop = b"", None, None
-    for _, piece in pieces:  # up to the first data line
-        stop = _loop_end(piece)
-        first += piece[:stop]
+    for _, piece, cut in pieces:  # up to the first data line
+        stop = _loop_end(piece, cut)
+        first += piece[:cut if stop is None else stop]
         numbered = _numbered_columns(first, labels)
         if numbered is not None or stop is not None:
             break
@@ -508,8 +507,8 @@ def _loop(labels: list[str], text: set[str], plain: set[str], as_string: list[st
     types = acc.types()
     pending: deque = deque()
     try:
-        for offset, piece in pieces:
-            pending.append((offset, pool.submit(_parse_piece, piece, names, categorical, types)))
+        for offset, piece, cut in pieces:
+            pending.append((offset, pool.submit(_parse_piece, piece, names, categorical, types, cut)))
             while len(pending) > pool.workers and stop is None:
                 offset, fut = pending.popleft()
                 *result, stop = fut.result()
@@ -549,15 +548,18 @@ _PARSE = pcsv.ParseOptions(delimiter=" ", quote_char=False, double_quote=False, 
 _KINDS = {"i": pa.int64(), "f": pa.float64(), "b": pa.bool_()}
 
 
-def _parse_piece(piece: bytes, names: list[str], categorical: list[int], types: dict[str, pa.DataType] | None):
+def _parse_piece(piece: bytes, names: list[str], categorical: list[int], types: dict[str, pa.DataType] | None,
+                 end: int | None = None):
     """One piece of a loop body: its columns (arrays, or (codes, distinct values)), rows, bytes, and
     where in the piece the loop ends (None: it goes on), the piece being parsed up to there.
 
     The piece is simplified and resolved as RELION reads lines, then parsed by pyarrow with one space
     as the delimiter. With ``N@text`` columns every ``@`` becomes a separator: the piece must then
-    hold exactly that many per row. ``types``: column types known from an earlier piece."""
-    stop = _loop_end(piece)
-    piece = piece[:stop]
+    hold exactly that many per row. ``types``: column types known from an earlier piece; ``end``:
+    where the piece's whole lines end."""
+    end = len(piece) if end is None else end
+    stop = _loop_end(piece, end)
+    piece = piece[:end if stop is None else stop]
     size = len(piece)
     piece, marked = resolve(simplify(piece))
     numbered = [n[:-len(NUMBER)] for n in names if n.endswith(NUMBER)]
