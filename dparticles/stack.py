@@ -42,13 +42,14 @@ def resolve_stacks(names: Sequence[str], roots: Sequence[Path], metadata_path: P
         folder, base = os.path.split(name)
         if base not in ("", ".", "..") and name[1:2] != ":" and name[:2] not in _UNC:  # no Windows drive
             folders.setdefault(folder, []).append((k, base))
+    wanted = {base for members in folders.values() for _, base in members}  # folders may hold many more
     listings: dict[str, dict[str, os.DirEntry]] = {}
     for folder, members in folders.items():
         where = Path(folder)
         places = [where, roots[0]] if where.is_absolute() else [r / where for r in roots]
         for place in map(str, places):
             if place not in listings:
-                listings[place] = _listing(place)
+                listings[place] = _listing(place, wanted)
             entries, left = listings[place], []
             for k, base in members:
                 entry = entries.get(base)
@@ -68,11 +69,11 @@ def resolve_stacks(names: Sequence[str], roots: Sequence[Path], metadata_path: P
 _UNC = ("//", "\\\\", "/\\", "\\/")  # starts of Windows network names (PureWindowsPath gives them a drive)
 
 
-def _listing(folder: str) -> dict[str, os.DirEntry]:
-    """The entries of ``folder`` by name (none if it cannot be listed)."""
+def _listing(folder: str, wanted: set[str]) -> dict[str, os.DirEntry]:
+    """The entries of ``folder`` named in ``wanted``, by name (none if it cannot be listed)."""
     try:
         with os.scandir(folder) as it:
-            return {e.name: e for e in it}
+            return {e.name: e for e in it if e.name in wanted}
     except (OSError, ValueError):
         return {}
 
