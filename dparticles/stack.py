@@ -150,23 +150,23 @@ def lazy_images(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.n
     """A dask array (particle, y, x) in metadata order, ``chunk`` particles per chunk.
 
     Each chunk is one task holding only what it reads: the headers of its stacks (path, offset,
-    mode; an object array, which dask passes as one value), its runs in source order (stack, start, stop) and the order that puts them back in
-    metadata order, as compact integer arrays (slices of the plan's, see ``planning.plan_chunks``);
-    no memory map and no whole-table array is captured in the graph. Shuffled particles (after
-    classification or random splits) are read sorted by stack and image, each run of neighbouring
-    images with one read.
+    mode; an object array, which dask passes as one value and never walks), its runs in source order
+    (stack, start, stop) and the order that puts them back in metadata order, as compact integer
+    arrays (slices of the plan's, see ``planning.plan_chunks``); no memory map and no whole-table
+    array is captured in the graph. Shuffled particles (after classification or random splits) are
+    read sorted by stack and image, each run of neighbouring images with one read.
     """
     n = len(indices)
     box = infos[0].ny
     dtypes = {np.dtype(d).newbyteorder("=") for d in {i.dtype for i in infos}}
     dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
     bounds = chunk_bounds(n, chunk)
-    headers = "\n".join(f"{i.path}\0{i.n}\0{i.offset}\0{i.dtype}" for i in infos)  # one string hashes fast
-    name = "particles-" + tokenize(headers, stack_ids, indices, chunk)
+    described = "\n".join(f"{i.path}\0{i.n}\0{i.offset}\0{i.dtype}" for i in infos)  # one string hashes fast
+    name = "particles-" + tokenize(described, stack_ids, indices, chunk)
     plan = plan_chunks(stack_ids, indices, bounds)
     at, rb, sb = bounds.tolist(), plan.run_bounds.tolist(), plan.stack_bounds.tolist()
     reorder = plan.reorder.tolist()
-    headers = np.empty(len(infos), dtype=object)  # a chunk's headers as one value: dask never walks it
+    headers = np.empty(len(infos), dtype=object)
     headers[:] = infos
     dsk = {}
     for k in range(len(at) - 1):
