@@ -243,14 +243,18 @@ def _images(ds: xr.Dataset, crop_box: int | None, boxes: tuple[int, ...], lowpas
     if images.numblocks[1:] != (1, 1):
         images = images.rechunk({1: -1, 2: -1})
     along = (images.chunks[0],)
-    per_particle = [da.from_array(psize, chunks=along)]  # a slice per block, not the whole array per task
-    if shifts is not None:
-        per_particle += [da.from_array(np.ascontiguousarray(shifts[:, k]), chunks=along) for k in range(2)]
+    options = {"crop_box": crop_box, "boxes": boxes, "lowpass": lowpass}
+    if shifts is None and len(np.unique(psize)) < 2:  # one pixel size (the usual case): a value, not a task per block
+        per_particle, options["psize"] = [], psize[:1]
+    else:  # a slice per block, not the whole array per task
+        per_particle = [da.from_array(psize, chunks=along)]
+        if shifts is not None:
+            per_particle += [da.from_array(np.ascontiguousarray(shifts[:, k]), chunks=along) for k in range(2)]
     arrays = [a for arr in per_particle for a in (arr, "p")]
     meta = np.empty((0, 0, 0), dtype=np.float32)
     # blocks of this layer are tuples of stacks, one per box: never computed alone, only picked from
-    outputs = da.blockwise(kernels.downsample_chunk, "pyx", images, "pyx", *arrays, crop_box=crop_box, boxes=boxes,
-                           lowpass=lowpass, token="downsample", dtype=np.float32, meta=meta)
+    outputs = da.blockwise(kernels.downsample_chunk, "pyx", images, "pyx", *arrays, **options,
+                           token="downsample", dtype=np.float32, meta=meta)
     return [da.map_blocks(operator.getitem, outputs, k, chunks=(images.chunks[0], (b,), (b,)), dtype=np.float32, meta=meta,
                           token=f"downsample-box{b}")
             for k, b in enumerate(boxes)]
