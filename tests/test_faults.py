@@ -112,5 +112,5 @@ def test_output_is_the_same_whichever_cluster_ran_it(job, sets, tmp_path):
         assert cluster.status.name == "running"                        # a scheduler we were given is left running
     log = []
     run(job, sets, tmp_path / "one", cluster={"n_workers": 1}, log=log.append)
-    assert any("Started a local Dask cluster: 1 workers" in m for m in log), log
+    assert any("Started a local Dask cluster: 1 worker x" in m for m in log), log
     assert_same_output(tmp_path / "one", ref)
