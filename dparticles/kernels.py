@@ -327,3 +327,10 @@ def downsample_chunk(images: np.ndarray, psize: np.ndarray, shift_x: np.ndarray 
         for out, part in zip(outs, parts):
             out[sel] = part
     return outs
+
+
+def downsample_chunk_one(images: np.ndarray, psize: np.ndarray, shift_x: np.ndarray | None = None,
+                         shift_y: np.ndarray | None = None, **options) -> np.ndarray:
+    """:func:`downsample_chunk` for one output box: the stack itself, so that a lazy array needs no
+    task per chunk to pick it out of a tuple."""
+    return downsample_chunk(images, psize, shift_x, shift_y, **options)[0]

@@ -252,6 +252,10 @@ def _images(ds: xr.Dataset, crop_box: int | None, boxes: tuple[int, ...], lowpas
             per_particle += [da.from_array(np.ascontiguousarray(shifts[:, k]), chunks=along) for k in range(2)]
     arrays = [a for arr in per_particle for a in (arr, "p")]
     meta = np.empty((0, 0, 0), dtype=np.float32)
+    if len(boxes) == 1:
+        b = boxes[0]
+        return [da.blockwise(kernels.downsample_chunk_one, "pyx", images, "pyx", *arrays, **options,
+                             adjust_chunks={"y": b, "x": b}, token=f"downsample-box{b}", dtype=np.float32, meta=meta)]
     # blocks of this layer are tuples of stacks, one per box: never computed alone, only picked from
     outputs = da.blockwise(kernels.downsample_chunk, "pyx", images, "pyx", *arrays, **options,
                            token="downsample", dtype=np.float32, meta=meta)
