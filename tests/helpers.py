@@ -15,6 +15,25 @@ import starfile
 
 
 
+OPTICS_ROW = "1 opticsGroup1 300.0 2.7 0.1 1.5 16 2"
+OPTICS_STAR = f"""
+# version 30001
+
+data_optics
+
+loop_
+_rlnOpticsGroup #1
+_rlnOpticsGroupName #2
+_rlnVoltage #3
+_rlnSphericalAberration #4
+_rlnAmplitudeContrast #5
+_rlnImagePixelSize #6
+_rlnImageSize #7
+_rlnImageDimensionality #8
+{OPTICS_ROW}
+
+"""  # the text of one RELION 3.1 optics group of 16-pixel images, for STAR files written by hand
+
 def find_real_data() -> Path:
     """The folder of real test inputs: $DPARTICLES_TEST_DATA, else ``shared/data/real`` beside the
     repository (as the project's machines and CI lay it out), else the first candidate (missing)."""

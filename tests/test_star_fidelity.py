@@ -15,30 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import make_stack
+from helpers import OPTICS_STAR as OPTICS, make_stack
 
 import dparticles
 from dparticles.errors import ParticleError
 from dparticles.io import star
 from dparticles.io.star import read_star, tokens, write_star
 
-OPTICS = """
-# version 30001
-
-data_optics
-
-loop_
-_rlnOpticsGroup #1
-_rlnOpticsGroupName #2
-_rlnImagePixelSize #3
-_rlnImageSize #4
-_rlnImageDimensionality #5
-_rlnVoltage #6
-_rlnSphericalAberration #7
-_rlnAmplitudeContrast #8
-1 opticsGroup1 1.0 16 2 300 2.7 0.1
-
-"""
 HEAD = """
 # version 30001
 

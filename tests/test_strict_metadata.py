@@ -10,22 +10,8 @@ import dparticles
 from dparticles.cli import main
 from dparticles.errors import ParticleError
 from dparticles.io.star import read_star, write_star as write_blocks
-from tests.helpers import make_stack
+from tests.helpers import OPTICS_ROW, OPTICS_STAR as OPTICS, make_stack
 
-OPTICS = """
-data_optics
-
-loop_
-_rlnOpticsGroup #1
-_rlnOpticsGroupName #2
-_rlnVoltage #3
-_rlnSphericalAberration #4
-_rlnAmplitudeContrast #5
-_rlnImagePixelSize #6
-_rlnImageSize #7
-_rlnImageDimensionality #8
-1 opticsGroup1 300.0 2.7 0.1 1.5 16 2
-"""
 HEAD = """
 data_particles
 
@@ -134,10 +120,9 @@ def test_not_finite_defocus(tmp_path, capsys, value):
                                          ("rlnSphericalAberration", "nan")])
 def test_not_finite_optics(tmp_path, capsys, label, value):
     path = star(tmp_path, rows())
-    old = "1 opticsGroup1 300.0 2.7 0.1 1.5 16 2"
-    cells = old.split()
+    cells = OPTICS_ROW.split()
     cells[{"rlnVoltage": 2, "rlnSphericalAberration": 3, "rlnImagePixelSize": 5}[label]] = value
-    path.write_text(path.read_text().replace(old, " ".join(cells)))
+    path.write_text(path.read_text().replace(OPTICS_ROW, " ".join(cells)))
     check(path, label, "finite", capsys=capsys)
 
 
