@@ -261,37 +261,6 @@ def _number(value: str):
     return value
 
 
-def compact_loop(df: pd.DataFrame) -> pd.DataFrame:
-    """A loop with text as Python strings, in the compact form of ``read_star(compact=True)``."""
-    out: dict[str, object] = {}
-    for c in df.columns:
-        s = df[c]
-        if not _is_text(s):
-            out[c] = s.to_numpy()
-            continue
-        values = s.to_numpy(dtype=object)
-        parts = pd.Series(values, dtype=object).str.extract(r"^(\d+)@(.+)$") if len(s) else None
-        if parts is not None and not parts.isna().any().any():
-            number, text = _categorical(parts[0].to_numpy(dtype=object)), _categorical(parts[1].to_numpy(dtype=object))
-            pair = _pair(number.codes, number.categories.tolist(), text.codes, text.categories.tolist(), c in NUMBERED)
-            if pair is not None and pair[1] is not None:
-                out[c] = pd.Categorical.from_codes(pair[0][0], categories=pd.Index(pair[0][1], dtype=object))
-                out[c + NUMBER] = pair[1]
-                continue
-        out[c] = s.array if isinstance(s.dtype, pd.CategoricalDtype) else _categorical(values)
-    return pd.DataFrame(out, index=pd.RangeIndex(len(df)), copy=False)
-
-
-def _is_text(s: pd.Series) -> bool:
-    return s.dtype.kind in "OUST" or isinstance(s.dtype, (pd.StringDtype, pd.CategoricalDtype))
-
-
-def _categorical(values: np.ndarray) -> pd.Categorical:
-    """Distinct values in order of first appearance, by hashing (no sort)."""
-    codes, uniques = pd.factorize(values, use_na_sentinel=True)
-    return pd.Categorical.from_codes(codes, categories=pd.Index(uniques, dtype=object))
-
-
 # ---------------------------------------------------------------------------------------------
 # the reader: whole lines in pieces, parsed in threads
 # ---------------------------------------------------------------------------------------------
