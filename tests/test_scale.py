@@ -214,7 +214,7 @@ def compact_loop(df: pd.DataFrame) -> pd.DataFrame:
     out: dict[str, object] = {}
     for c in df.columns:
         s = df[c]
-        if not _is_text(s):
+        if not star._is_text(s):
             out[c] = s.to_numpy()
             continue
         values = s.to_numpy(dtype=object)
@@ -228,10 +228,6 @@ def compact_loop(df: pd.DataFrame) -> pd.DataFrame:
                 continue
         out[c] = s.array if isinstance(s.dtype, pd.CategoricalDtype) else _categorical(values)
     return pd.DataFrame(out, index=pd.RangeIndex(len(df)), copy=False)
-
-
-def _is_text(s: pd.Series) -> bool:
-    return s.dtype.kind in "OUST" or isinstance(s.dtype, (pd.StringDtype, pd.CategoricalDtype))
 
 
 def _categorical(values: np.ndarray) -> pd.Categorical:

@@ -261,6 +261,10 @@ def _number(value: str):
     return value
 
 
+def _is_text(s: pd.Series) -> bool:
+    return s.dtype.kind in "OUST" or isinstance(s.dtype, (pd.StringDtype, pd.CategoricalDtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # the reader: whole lines in pieces, parsed in threads
 # ---------------------------------------------------------------------------------------------
