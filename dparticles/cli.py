@@ -151,15 +151,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     handler = logging.StreamHandler(sys.stderr)  # our own messages only: dask's loggers keep their settings
     handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
+    log.handlers[:] = [handler]  # one handler however often main() runs in a process (tests, notebooks)
     log.propagate = False
     log.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
-    signal.signal(signal.SIGTERM, _interrupt)  # a batch system's time limit: stop as on Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a batch system's time limit: stop as on Ctrl-C
     try:
         return _run(args)
     except ParticleError as exc:
         print(f"dparticles {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (``info ... | head``): stop quietly (an OSError: first)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # a file system error no step turned into a message (full disk, permissions)
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"dparticles {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
@@ -167,9 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dparticles {args.command}: interrupted; rerun the same command to finish", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (``dparticles info ... | head``): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum: int, _frame) -> None:

@@ -50,3 +50,15 @@ def test_a_signal_stops_the_run_in_one_line_and_the_rerun_finishes(tmp_path, sig
                          capture_output=True, text=True, timeout=180)
     assert ref.returncode == 0, ref.stderr
     assert_same_output(Path(tmp_path / "out"), Path(tmp_path / "ref"))
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path):
+    """``dparticles info ... | head``: once the reader has closed the pipe, the command stops with
+    141, as a shell reports a program killed by SIGPIPE, and prints no error."""
+    star = shuffled_set(tmp_path / "src", n_stacks=2, per_stack=5, box=16)
+    proc = subprocess.Popen([sys.executable, "-m", "dparticles", "info", "--json", str(star)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc.stdout.close()  # the reader went away before anything was written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""
