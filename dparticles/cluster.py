@@ -511,7 +511,7 @@ def _jobqueue_cluster(kind: str, options: dict[str, Any], security: Any, failure
         raise ParticleError(f"bad jobqueue.{kind} settings: {_one_line(exc).split('; job_kwargs=')[0]}") from None
 
 
-def _wait_for_job_workers(cluster: Any, client: distributed.Client, kind: str, jobs: int, failures: list[str],
+def _wait_for_job_workers(cluster: Any, client: distributed.Client, kind: str, failures: list[str],
                           log: Log) -> int:
     """Wait until a worker of the submitted jobs connects; number of workers then.
 
@@ -570,7 +570,7 @@ def _jobqueue_client(kind: str, jobs: int, options: dict[str, Any], security: An
             log(f"Submitting {jobs} {kind.upper()} worker job{'s' if jobs != 1 else ''} "
                 f"({_job_request(cluster)} each); dashboard: {cluster.dashboard_link or 'off'}")
             cluster.scale(jobs=jobs)
-            n = _wait_for_job_workers(cluster, client, kind, jobs, failures, log)
+            n = _wait_for_job_workers(cluster, client, kind, failures, log)
             cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
             want = jobs * int(getattr(cluster._dummy_job, "worker_processes", 1) or 1)
             more = "; the others join as their jobs start" if n < want else ""

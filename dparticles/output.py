@@ -31,7 +31,7 @@ import xarray as xr
 
 from dparticles.dataset import table
 from dparticles.errors import ParticleError
-from dparticles.io.files import TMP_MARK, is_regular, open_regular, private_dir, read_small
+from dparticles.io.files import TMP_MARK, is_regular, open_regular, private_dir, read_json
 from dparticles.io.cs import write_cs
 from dparticles.io.star import write_star
 from dparticles.metadata import assign, to_cs, to_star
@@ -119,11 +119,6 @@ def lock_is_held(lock: Path) -> bool:
 
 
 # --- inputs --------------------------------------------------------------------------------------
-
-def input_files(ds: xr.Dataset) -> set[Path]:
-    """Every file a dataset reads (its metadata file, its stacks or its zarr cache), resolved."""
-    return {Path(os.path.realpath(p)) for p in _input_paths(ds)}
-
 
 def _input_paths(ds: xr.Dataset) -> list[str]:
     """Every file a dataset reads, as the dataset names it (links not resolved)."""
@@ -280,7 +275,7 @@ def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, job: str, toke
         raise ParticleError("output exists and is not a folder", path=named)
     created: list[Path] = []
     if folder.is_dir():
-        if _marker(folder) is None:  # not ours: refused (if it must be) before anything is put in it
+        if read_json(folder / RUN_MARKER) is None:  # not ours: refused (if it must be) before anything is put in it
             _check_existing(folder, named, overwrite=overwrite, job=job, token=token)
     else:
         created = _make_folder(folder, named)
@@ -289,7 +284,7 @@ def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, job: str, toke
     except BaseException:
         _remove_created(created)
         raise
-    held = _Held(folder, fd, ino, created, had_marker=_marker(folder) is not None)
+    held = _Held(folder, fd, ino, created, had_marker=read_json(folder / RUN_MARKER) is not None)
     try:
         # under the lock, nobody else changes the folder: check again what the first look saw
         _check_existing(folder, named, overwrite=overwrite, job=job, token=token)
@@ -305,7 +300,7 @@ def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, job: str, toke
             p = folder / name
             if os.path.lexists(p) and not is_regular(p) and (p.is_symlink() or not p.is_dir()):
                 os.unlink(p)
-        if _marker(folder) is None:
+        if read_json(folder / RUN_MARKER) is None:
             atomic_write(folder / RUN_MARKER, lambda tmp: tmp.write_text(json.dumps({"job": job, "token": token})))
     except OSError as exc:
         _release(held, undo=True)
@@ -325,7 +320,7 @@ def _check_existing(folder: Path, named: Path, *, overwrite: bool, job: str, tok
         raise ParticleError(f"could not read the output folder ({exc.strerror or exc})", path=named) from None
     if not entries:
         return
-    marker = _marker(folder)
+    marker = read_json(folder / RUN_MARKER)
     if overwrite:
         if marker is None:
             raise ParticleError("the output folder is not empty and is not a dparticles output (it has no run "
@@ -522,15 +517,6 @@ def _no_work(folder: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def _marker(out: Path) -> dict | None:
-    data = read_small(Path(out) / RUN_MARKER)
-    try:
-        marker = json.loads(data) if data is not None else None
-    except ValueError:
-        return None
-    return marker if isinstance(marker, dict) else None
 
 
 def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices: np.ndarray | None,

@@ -37,9 +37,9 @@ from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
 from dparticles.io.mrc import HEADER_BYTES, stack_header
 from dparticles.planning import byte_runs, chunk_bounds
 from dparticles.record import REPORT_FILE, command_line, inputs, now, write_run_record
-from dparticles.writer import (RECORDS, copy_segments, finish_file, read_record, record_path, verify_copy,
+from dparticles.writer import (RECORDS, copy_segments, finish_file, record_path, verify_copy,
                                verify_record, write_segments)
-from dparticles.io.files import is_regular
+from dparticles.io.files import is_regular, read_json
 
 MRC_MODES = {"int8", "int16", "uint16", "float16", "float32"}
 MIN_PIECES = 8  # copies are cut into at least this many pieces, so that every worker of a small cluster works
@@ -156,8 +156,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
     finally:
         for p in plans:
             if p is not None:
-                remove_temporaries(p.out / "stacks", nonce)
-                remove_temporaries(p.out / RECORDS, nonce)
+                remove_temporaries(p.out, nonce)  # and in its stacks and records folders
         if report is not None:
             shutil.rmtree(report.parent, ignore_errors=True)
     for job in zarr_jobs:
@@ -375,7 +374,7 @@ def _keep_verified(plans: list[_Plan], client) -> None:
             if os.path.basename(name) not in there:
                 continue
             final = plan.final(k)
-            record = read_record(record_path(final))  # None for anything but a regular file of JSON
+            record = read_json(record_path(final))  # None for anything but a regular file of JSON
             if record is None or record.get("token") != plan.token or not is_regular(final):
                 for stale in (final, record_path(final)):
                     if os.path.lexists(stale):

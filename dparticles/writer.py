@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dparticles.errors import ParticleError
-from dparticles.io.files import TMP_MARK, open_regular, read_small
+from dparticles.io.files import TMP_MARK, open_regular
 from dparticles.io.mrc import HEADER_BYTES, stack_header
 
 FLOAT16_MAX = 65504.0
@@ -171,17 +171,6 @@ def write_record(path: str, record: dict, indent: int | None = None, nonce: str 
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def read_record(path: str) -> dict | None:
-    """The record at ``path``, or None if there is none, or it is not a regular file (a link, a FIFO:
-    never followed or opened) holding a JSON object."""
-    data = read_small(path)
-    try:
-        record = json.loads(data) if data is not None else None
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def verify_record(final: str, header: bytes, record: dict) -> bool:

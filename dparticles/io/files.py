@@ -3,6 +3,7 @@ following links or hanging on a FIFO (no heavy imports: batch tasks on workers u
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
@@ -56,3 +57,14 @@ def read_small(path: str | os.PathLike, limit: int = 2**20) -> bytes | None:
     finally:
         os.close(fd)
     return None if len(data) > limit else data
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON object in the small regular file at ``path`` (a run or file record), or None if there
+    is none, or it is not a regular file (a link, a FIFO: never followed or opened) holding one."""
+    data = read_small(path)
+    try:
+        record = json.loads(data) if data is not None else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
