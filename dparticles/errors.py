@@ -18,6 +18,7 @@ class ParticleError(ValueError):
             where.append(f"line {line}")
         if particle is not None:
             where.append(f"particle {particle}")
+        self.message = message  # without the place: the error can be raised again with more of it
         self.path = path
         self.particle = particle
         self.line = line

@@ -95,11 +95,10 @@ def from_star(blocks: dict, path: Path) -> Table:
     try:
         return _from_star(blocks, path, particles_name)
     except ParticleError as exc:
-        prefix = f"{path}, particle {exc.particle}: "
-        if exc.particle is None or exc.line is not None or not str(exc).startswith(prefix):
+        if exc.particle is None or exc.line is not None or str(exc.path) != str(path):
             raise
         line = line_of_row(Path(path), particles_name, exc.particle - 1) if Path(path).is_file() else None
-        raise ParticleError(str(exc)[len(prefix):], path=path, line=line, particle=exc.particle) from None
+        raise ParticleError(exc.message, path=path, line=line, particle=exc.particle) from None
 
 
 def _from_star(blocks: dict, path: Path, particles_name: str) -> Table:
@@ -121,7 +120,7 @@ def _from_star(blocks: dict, path: Path, particles_name: str) -> Table:
         if label in star and name not in out:
             out[name] = _values(star[label])
     if SIGN_LABEL in star:
-        out["sign"] = _floats(_values(star[SIGN_LABEL]), SIGN_LABEL, path)
+        out["sign"] = floats(_values(star[SIGN_LABEL]), SIGN_LABEL, path)
 
     if optics is not None:
         if "rlnOpticsGroup" not in optics:
@@ -181,7 +180,7 @@ def _from_star(blocks: dict, path: Path, particles_name: str) -> Table:
             out[col] = _ints(_whole(out[col], labels.get(col, col), path))
     for col in _FLOAT:  # e.g. 'rlnVoltage 300' parses as an integer; units are float whatever the file wrote
         if col in out:
-            out[col] = _floats(out[col], labels.get(col, col), path)
+            out[col] = floats(out[col], labels.get(col, col), path)
             if col in _FINITE:
                 _finite(out[col], labels.get(col, col), path)
     if "optics_group" not in out:
@@ -276,7 +275,7 @@ _FLOAT = ["coord_x", "coord_y", "defocus_u", "defocus_v", "defocus_angle", "phas
           "amp_contrast", "pixel_size", "shift_x", "shift_y", "angle_rot", "angle_tilt", "angle_psi"]
 
 
-def _floats(values, name: str, path: Path) -> np.ndarray:
+def floats(values, name: str, path: Path) -> np.ndarray:
     """A numeric column as float64 (a view when it is one already), or a clear error naming the first
     particle that is not a number."""
     if isinstance(values, np.ndarray) and values.dtype.kind in "iufb":
@@ -315,13 +314,13 @@ def _whole(values, name: str, path: Path) -> np.ndarray:
     """A column of whole numbers, or an error naming the first particle whose value is not one."""
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
         return values
-    floats = _floats(values, name, path)
-    probe = floats[:1] if floats.ndim == 1 and floats.strides == (0,) else floats
+    numbers = floats(values, name, path)
+    probe = numbers[:1] if numbers.ndim == 1 and numbers.strides == (0,) else numbers
     bad = ~np.isfinite(probe) | (probe != np.trunc(probe))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise ParticleError(f"{name} is {probe[row]!r}; expected a whole number", path=path, particle=row + 1)
-    return floats
+    return numbers
 
 
 def _check_optics(optics: pd.DataFrame, path: Path) -> None:

@@ -19,10 +19,11 @@ from dparticles.errors import ParticleError
 from dparticles.io.cs import import_signatures
 from dparticles.io.mrc import read_info
 from dparticles.io.star import read_star
+from dparticles.metadata import floats
 from dparticles import __version__
 from dparticles.output import hold_outputs, prepare_output, project_path, write_metadata
 from dparticles.record import command_line, inputs, now, record_report, write_run_record
-from dparticles.stack import resolve_stacks, search_roots
+from dparticles.stack import read_infos, resolve_stacks, search_roots
 
 EXPOSURE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".eer", ".mrc.bz2")
 
@@ -95,16 +96,8 @@ def cryosparc_import_fields(ds: xr.Dataset, data_dir: str | os.PathLike | None) 
 
     def star(label: str, default: float) -> np.ndarray:
         for name in (f"star:{label}", f"star_optics:{label}"):
-            if name in ds.coords and ds[name].dtype.kind in "iuf":
-                return ds[name].values.astype(np.float32)
             if name in ds.coords:
-                values = pd.to_numeric(pd.Series(ds[name].values), errors="coerce")
-                bad = values.isna().to_numpy() & pd.notna(ds[name].values)
-                if bad.any():
-                    row = int(np.flatnonzero(bad)[0])
-                    raise ParticleError(f"{label} is {ds[name].values[row]!r}; expected a number",
-                                        path=ds.attrs.get("source"), particle=row + 1)
-                return values.to_numpy(np.float32)
+                return floats(ds[name].values, label, ds.attrs.get("source")).astype(np.float32)
         return same(default, np.float32)
 
     cols: dict[str, object] = {}
@@ -156,6 +149,11 @@ def _micrograph_shapes(names: list[str], metadata: Path,
     """(ny, nx) of each micrograph from its MRC header, looked for as stacks are; or why not all could
     be read (how many failed, and the first one's reason)."""
     roots = search_roots(metadata, data_dir)
+    try:  # all at once: a folder is listed once, the headers read concurrently
+        infos = read_infos(resolve_stacks(names, roots, metadata))
+        return np.array([(i.ny, i.nx) for i in infos], dtype=np.int64).reshape(-1, 2), None
+    except ParticleError:
+        pass  # one by one, to say how many could not be read
     shapes = np.zeros((len(names), 2), dtype=np.int64)
     failed: list[str] = []
     for k, name in enumerate(names):
