@@ -146,7 +146,7 @@ def test_scancel_of_a_worker_job_mid_downsample(local, slurm_cluster, slurm_clie
     print(f"scancel {victim_job} after {killer.done_before}/{n_files} batch files, "
           f"{'while its worker wrote a batch' if killer.during_write else 'while its worker ran a task'}; "
           f"{results[0].summary}")
-    assert results[0].n_particles == 6 * 170 * 9 // 10 and results[0].summary.n_tasks >= 1
+    assert results[0].n_particles == 6 * 170 * 9 // 10
     assert_same_output(out, local["ref-downsample"])
     assert not [p for p in out.rglob("*") if TMP_MARK in p.name]
     # adapt() submits a replacement job for the cancelled one
