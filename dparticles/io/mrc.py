@@ -148,11 +148,12 @@ def _header_into(path: str, buf: memoryview) -> tuple[int, int]:
                 else "not a regular file"
             raise ParticleError(f"could not read the MRC header ({what})", path=path)
         got = 0
-        while got < len(buf):
-            more = os.preadv(fd, [buf[got:]], got) if _PREADV else os.readv(fd, [buf[got:]])
-            if not more:
+        while got < len(buf):  # from the start of a file just opened: plain reads, on every platform
+            chunk = os.read(fd, len(buf) - got)
+            if not chunk:
                 break
-            got += more
+            buf[got:got + len(chunk)] = chunk
+            got += len(chunk)
         return got, st.st_size
     except OSError as exc:
         raise ParticleError(f"could not read the MRC header ({exc})", path=path) from exc
