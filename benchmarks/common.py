@@ -161,23 +161,23 @@ def _cpu_busy(seconds: float = 0.5) -> float:
     return 1.0 - (i1 - i0) / max(t1 - t0, 1)
 
 
-QUIET_LIMIT = 30.0  # seconds wait_quiet waits at most (a script may lower it)
+QUIET_LIMIT = 30.0  # seconds wait_quiet waits at most (a script may change it)
 BUSY_RUNS: list[float] = []  # CPU busy fraction before each timed run that started on a busy machine
+LAST_LOAD = 0.0  # CPU busy fraction wait_quiet saw last, just before the last timed run
 
 
-def wait_quiet(limit: float | None = None, busy: float = 0.15) -> bool:
+def wait_quiet(limit: float | None = None, busy: float = 0.15) -> None:
     """Wait (up to ``limit`` s, default ``QUIET_LIMIT``) until other processes leave the CPUs nearly
-    idle, so that they do not distort a timed run; say so when they do not (and return False)."""
+    idle, so that they do not distort a timed run; say so when they do not."""
+    global LAST_LOAD
     limit = QUIET_LIMIT if limit is None else limit
     t0 = time.monotonic()
-    while _cpu_busy() > busy:
+    while (LAST_LOAD := _cpu_busy()) > busy:
         if time.monotonic() - t0 > limit:
-            load = _cpu_busy()
-            BUSY_RUNS.append(load)
-            print(f"  note: the machine is busy ({load:.0%} CPU) with other work; timings may be slower",
+            BUSY_RUNS.append(LAST_LOAD)
+            print(f"  note: the machine is busy ({LAST_LOAD:.0%} CPU) with other work; timings may be slower",
                   flush=True)
-            return False
-    return True
+            return
 
 
 def prepare(cold: bool) -> None:

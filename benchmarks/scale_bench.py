@@ -33,6 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+common.QUIET_LIMIT = 60.0
 BOX, PER_STACK, IN_USE = 256, 167, 100  # 100 of 167: 60% of each stack in use
 COLUMNS = ["rlnImageName", "rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnDefocusU", "rlnDefocusV",
            "rlnDefocusAngle", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
@@ -216,35 +221,11 @@ def child(step: str, star: Path, out: Path | None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the runs
 
-def wait_quiet(limit: float = 60.0, busy: float = 0.15) -> float:
-    """Wait (up to ``limit`` s) for other work to leave the CPUs nearly idle; the busy fraction seen."""
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(values), values[3] + values[4]
-
-    t_end = time.monotonic() + limit
-    while True:
-        t0, i0 = sample()
-        time.sleep(0.5)
-        t1, i1 = sample()
-        load = 1.0 - (i1 - i0) / max(t1 - t0, 1)
-        if load <= busy or time.monotonic() > t_end:
-            return load
-
-
 def timed(cmd: list[str]) -> tuple[float, int, str, float]:
-    """(wall seconds, peak RSS in bytes, stdout, CPU busy fraction before) of ``cmd`` under /usr/bin/time."""
-    os.sync()
-    load = wait_quiet()
-    stats = Path(os.environ.get("TMPDIR", "/tmp")) / f"scale-bench-time-{os.getpid()}.txt"
-    t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(stats), *cmd], text=True, capture_output=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    peak = int(stats.read_text().split()[-1]) * 1024
-    stats.unlink()
-    return wall, peak, proc.stdout, load
+    """(wall seconds, peak RSS in bytes, stdout, CPU busy fraction before) of ``cmd`` under
+    /usr/bin/time, after waiting up to a minute for idle CPUs (``common.run_timed``)."""
+    wall, peak, stdout, _ = common.run_timed(cmd)
+    return wall, peak, stdout, common.LAST_LOAD
 
 
 def me(*args: str) -> list[str]:

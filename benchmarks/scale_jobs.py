@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 import scale_bench
-from scale_bench import IN_USE, make_stacks, make_star, rss, timed
+from scale_bench import IN_USE, make_stacks, make_star, peak_rss, rss, timed
 
 PHASES = ("_check_images", "_plan", "_prepare", "_keep_verified", "_graph", "reset_worker_peaks", "watch",
           "write_metadata", "write_run_record")
@@ -59,14 +59,6 @@ SHOWN = {"_plan": "plan", "_prepare": "prepare", "_keep_verified": "keep", "_gra
 
 # ---------------------------------------------------------------------------------------------
 # one run, in this (fresh) process
-
-def vm_peak() -> int:
-    """This process's peak resident memory since start or the last :func:`reset_peak` (bytes)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
 
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
@@ -112,7 +104,7 @@ def instrument(phases: dict[str, list[float]]) -> None:
             finally:
                 t1 = time.time()
                 first, _, total, _ = phases.get(_name, (t0, t1, 0.0, 0))
-                phases[_name] = [first, t1, total + t1 - t0, vm_peak()]
+                phases[_name] = [first, t1, total + t1 - t0, peak_rss()]
         setattr(store, name, wrapped)
 
 
@@ -143,7 +135,7 @@ def child(job: str, star: Path, out: Path, batch: int, box: int) -> dict:
         started, cluster_rss = time.perf_counter() - t0, rss()
         t0 = time.perf_counter()
         ds = dparticles.open_particles(star)
-        opened, open_peak = time.perf_counter() - t0, vm_peak()
+        opened, open_peak = time.perf_counter() - t0, peak_rss()
         reset_peak()
         before = rss()
         stamp = time.time()
@@ -152,7 +144,7 @@ def child(job: str, star: Path, out: Path, batch: int, box: int) -> dict:
         else:
             dparticles.downsample(ds, out, fourier_box=box // 2, batch_size=batch, log=quiet)
         ended = time.time()
-        call_peak = vm_peak()
+        call_peak = peak_rss()
         clocks = list(client.run(clock_of).values())
     first = min(c["first"] for c in clocks)
     last = max(c["last"] for c in clocks)
