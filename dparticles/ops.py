@@ -244,7 +244,7 @@ def _images(ds: xr.Dataset, crop_box: int | None, boxes: tuple[int, ...], lowpas
         images = images.rechunk({1: -1, 2: -1})
     along = (images.chunks[0],)
     options = {"crop_box": crop_box, "boxes": boxes, "lowpass": lowpass}
-    if shifts is None and len(np.unique(psize)) < 2:  # one pixel size (the usual case): a value, not a task per block
+    if shifts is None and (psize == psize[:1]).all():  # one pixel size (the usual case): a value, not a task per block
         per_particle, options["psize"] = [], psize[:1]
     else:  # a slice per block, not the whole array per task
         per_particle = [da.from_array(psize, chunks=along)]

@@ -522,8 +522,9 @@ def _no_work(folder: Path) -> bool:
 def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices: np.ndarray | None,
                    *, cs: bool = False, updates: dict | None = None) -> None:
     """Write ``particles.star`` (and ``particles.cs`` when ``cs``) in ``out`` for the particles of
-    ``ds``, whose images are now at ``paths`` (relative to ``out``) / ``indices`` (0-based).
-    ``updates`` replaces canonical columns (new pixel size, box, shifts...). Written last, atomically."""
+    ``ds``, whose images are now at ``paths`` (named as the metadata names them, see
+    :func:`project_path`) / ``indices`` (0-based). ``updates`` replaces canonical columns (new pixel
+    size, box, shifts...). Written last, atomically."""
     particles = assign(table(ds, skip=("image_path", "stack_id", "image_name", "image_index")), updates or {})
     if cs:
         data = to_cs(particles, paths, indices, ds.attrs.get("pose", "none"))
