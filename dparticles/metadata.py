@@ -120,18 +120,21 @@ def _from_star(blocks: dict, path: Path, particles_name: str) -> Table:
         if label in star and name not in out:
             out[name] = _values(star[label])
     if SIGN_LABEL in star:
-        out["sign"] = floats(_values(star[SIGN_LABEL]), SIGN_LABEL, path)
+        out["sign"] = _signs(floats(_values(star[SIGN_LABEL]), SIGN_LABEL, path), SIGN_LABEL, path)
 
     if optics is not None:
         if "rlnOpticsGroup" not in optics:
             raise ParticleError("the data_optics table has no rlnOpticsGroup column", path=path)
+        groups = _check_optics(optics, path)
         if "optics_group" not in out:
             if len(optics) != 1:
                 raise ParticleError("particles have no rlnOpticsGroup but data_optics has several groups",
                                     path=path)
-            out["optics_group"] = _same(np.int64(optics["rlnOpticsGroup"].iloc[0]), n)
-        _check_optics(optics, path)
-        table = optics.set_index("rlnOpticsGroup")
+            out["optics_group"] = _same(groups[0], n)
+        else:  # checked before the look-up, so that an error names the particle that is wrong
+            out["optics_group"] = _ints(_whole(out["optics_group"], "rlnOpticsGroup", path,
+                                               "a whole number (an optics group of data_optics)"))
+        table = optics.drop(columns="rlnOpticsGroup").set_axis(pd.Index(groups), axis=0)
         rows = _rows_of(out["optics_group"], table.index)
         missing = rows < 0
         if missing.any():
@@ -153,8 +156,11 @@ def _from_star(blocks: dict, path: Path, particles_name: str) -> Table:
         version = "3.1"  # rlnOpticsGroup without data_optics: a 3.1 file missing its optics table
 
     # pixel size from detector pixel (µm) and magnification when not given directly (3.0)
-    det = _values(star["rlnDetectorPixelSize"]) if "rlnDetectorPixelSize" in star else detector.get("rlnDetectorPixelSize")
-    mag = _values(star["rlnMagnification"]) if "rlnMagnification" in star else detector.get("rlnMagnification")
+    for label in ("rlnDetectorPixelSize", "rlnMagnification"):
+        if label in star:  # optics-table values were checked with the optics table
+            detector[label] = floats(_values(star[label]), label, path)
+            _finite(detector[label], label, path)
+    det, mag = detector.get("rlnDetectorPixelSize"), detector.get("rlnMagnification")
     if "pixel_size" not in out and det is not None and mag is not None:
         out["pixel_size"] = _same_or(1e4 * np.asarray(det, dtype=np.float64) / np.asarray(mag, dtype=np.float64))
 
@@ -162,7 +168,7 @@ def _from_star(blocks: dict, path: Path, particles_name: str) -> Table:
     for axis in "XY":
         label = f"rlnOrigin{axis}"
         if label in star and f"shift_{axis.lower()}" not in out:
-            origin = np.asarray(_values(star[label]), dtype=np.float64)
+            origin = floats(_values(star[label]), label, path)
             if "pixel_size" not in out:
                 out[f"_origin_px_{axis.lower()}"] = origin
             else:
@@ -275,9 +281,9 @@ _FLOAT = ["coord_x", "coord_y", "defocus_u", "defocus_v", "defocus_angle", "phas
           "amp_contrast", "pixel_size", "shift_x", "shift_y", "angle_rot", "angle_tilt", "angle_psi"]
 
 
-def floats(values, name: str, path: Path) -> np.ndarray:
+def floats(values, name: str, path: Path, expected: str = "a number") -> np.ndarray:
     """A numeric column as float64 (a view when it is one already), or a clear error naming the first
-    particle that is not a number."""
+    particle that is not a number (and saying what was ``expected``)."""
     if isinstance(values, np.ndarray) and values.dtype.kind in "iufb":
         if values.dtype == np.float64:
             return values
@@ -289,54 +295,76 @@ def floats(values, name: str, path: Path) -> np.ndarray:
     bad = out.isna() & series.notna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ParticleError(f"{name} is {series.iloc[row]!r}; expected a number", path=path, particle=row + 1)
+        raise ParticleError(f"{name} is {_shown(series.iloc[row])}; expected {expected}", path=path,
+                            particle=row + 1)
     return _same_or(out.to_numpy())
 
 
 _FINITE = ["defocus_u", "defocus_v", "pixel_size", "voltage", "cs"]  # NaN or inf here would spoil every image
 
 
-def _finite(values: np.ndarray, name: str, path: Path, block: str | None = None) -> None:
-    """An error naming the first particle (or ``block`` row) whose value is NaN or infinite."""
-    values = np.asarray(values)
-    probe = values[:1] if values.ndim == 1 and values.strides == (0,) else values
-    bad = ~np.isfinite(probe)
+def _shown(value) -> str:
+    """A value as a message shows it: ``1.31``, ``'abc'``, ``b'\\xff'``, ``(16, 0)`` (not ``np.float32(1.31)``)."""
+    if isinstance(value, np.ndarray):
+        return f"({', '.join(_shown(v) for v in value)})"
+    if isinstance(value, (np.integer, np.floating)):
+        return str(value)
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _probe(values: np.ndarray) -> np.ndarray:
+    """The values to test: one for a zero-stride column (all the same), else all of them."""
+    return values[:1] if values.ndim == 1 and values.strides == (0,) else values
+
+
+def _first(bad: np.ndarray, values: np.ndarray, name: str, path: Path, expected: str) -> None:
+    """An error naming the first particle where ``bad`` is set (anywhere in its row of a vector field)."""
+    bad = bad.any(axis=tuple(range(1, bad.ndim)))
     if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        message = f"{name} is {probe[row]!r}; expected a finite number"
-        if block is None:
-            raise ParticleError(message, path=path, particle=row + 1)
-        line = line_of_row(Path(path), block, row) if Path(path).is_file() else None
-        raise ParticleError(f"data_{block}: {message}", path=path, line=line)
+        row = int(np.argmax(bad))
+        raise ParticleError(f"{name} is {_shown(values[row])}; expected {expected}", path=path, particle=row + 1)
 
 
-def _whole(values, name: str, path: Path) -> np.ndarray:
+def _finite(values: np.ndarray, name: str, path: Path, expected: str = "a finite number") -> None:
+    """An error naming the first particle whose value is NaN or infinite."""
+    probe = _probe(np.asarray(values))
+    _first(~np.isfinite(probe), probe, name, path, expected)
+
+
+def _whole(values, name: str, path: Path, expected: str = "a whole number") -> np.ndarray:
     """A column of whole numbers, or an error naming the first particle whose value is not one."""
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
         return values
-    numbers = floats(values, name, path)
-    probe = numbers[:1] if numbers.ndim == 1 and numbers.strides == (0,) else numbers
-    bad = ~np.isfinite(probe) | (probe != np.trunc(probe))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise ParticleError(f"{name} is {probe[row]!r}; expected a whole number", path=path, particle=row + 1)
+    numbers = floats(values, name, path, expected)
+    probe = _probe(numbers)
+    _first(~np.isfinite(probe) | (probe != np.trunc(probe)), probe, name, path, expected)
     return numbers
 
 
-def _check_optics(optics: pd.DataFrame, path: Path) -> None:
-    """Numbers in data_optics that every particle of a group takes: an error naming the line."""
-    for label in ("rlnOpticsGroup", "rlnImagePixelSize", "rlnVoltage", "rlnSphericalAberration",
-                  "rlnAmplitudeContrast", "rlnImageSize"):
-        if label not in optics:
-            continue
-        values = optics[label].to_numpy()
-        if values.dtype.kind not in "iufb":
-            numbers = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
-            row = int(np.flatnonzero(numbers.isna().to_numpy())[0]) if numbers.isna().any() else 0
-            line = line_of_row(Path(path), "optics", row) if Path(path).is_file() else None
-            raise ParticleError(f"data_optics: {label} is {values[row]!r}; expected a number", path=path, line=line)
-        if label != "rlnAmplitudeContrast":
-            _finite(values.astype(np.float64), label, path, block="optics")
+def _signs(values: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """A data sign per particle, or an error naming the first that is not +1 or -1."""
+    probe = _probe(values)
+    _first((probe != 1) & (probe != -1), probe, name, path, "+1 or -1 (the data sign)")
+    return values
+
+
+def _check_optics(optics: pd.DataFrame, path: Path) -> np.ndarray:
+    """Numbers in data_optics that every particle of a group takes, or an error naming the line;
+    returns the group numbers (int64)."""
+    try:
+        groups = _ints(_whole(_values(optics["rlnOpticsGroup"]), "rlnOpticsGroup", path))
+        _first(pd.Index(groups).duplicated(), groups, "rlnOpticsGroup", path, "each optics group once")
+        for label in ("rlnImagePixelSize", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+                      "rlnImageSize", "rlnDetectorPixelSize", "rlnMagnification"):
+            if label in optics:
+                values = _values(optics[label])
+                values = _whole(values, label, path) if label == "rlnImageSize" else floats(values, label, path)
+                if label != "rlnAmplitudeContrast":
+                    _finite(values, label, path)
+    except ParticleError as exc:  # its 'particle' is a row of the optics table
+        line = line_of_row(Path(path), "optics", exc.particle - 1) if Path(path).is_file() else None
+        raise ParticleError(f"data_optics: {exc.message}", path=path, line=line) from None
+    return groups
 
 
 def _particle_block(blocks: dict, path: Path) -> str:

@@ -224,3 +224,77 @@ def test_star_written_from_a_cs_shows_float32_values_as_they_are(real, tmp_path)
     before, after = np.load(src), np.load(tmp_path / "out" / "particles.cs")
     for name in ("ctf/cs_mm", "ctf/amp_contrast", "ctf/df1_A", "ctf/df2_A", "blob/psize_A"):
         assert after[name].tobytes() == before[name].tobytes(), name
+
+
+# 8. every field checked before use; the error names the row that is wrong
+
+OPTICS_LINE = OPTICS.split("\n").index(OPTICS_ROW) + 1  # the line of the optics group
+
+
+def cells(line, col, value):
+    parts = line.split()
+    parts[col] = value
+    return " ".join(parts)
+
+
+@pytest.mark.parametrize("k,value,shown", [(2, "abc", "'abc'"), (0, "abc", "'abc'"), (3, "1.5", "1.5")])
+def test_optics_group_not_a_number(tmp_path, capsys, k, value, shown):
+    lines = rows()
+    lines[k] = cells(lines[k], 5, value)
+    path = star(tmp_path, lines)
+    assert check(path, capsys=capsys) == (f"{path}, line {HEAD_LINES + 1 + k}, particle {k + 1}: rlnOpticsGroup is "
+                                          f"{shown}; expected a whole number (an optics group of data_optics)")
+
+
+def test_optics_group_not_in_optics_names_its_particle(tmp_path, capsys):
+    lines = rows()
+    lines[2] = cells(lines[2], 5, "2")
+    path = star(tmp_path, lines)
+    assert check(path, capsys=capsys) == (f"{path}, line {HEAD_LINES + 3}, particle 3: rlnOpticsGroup 2 is not in "
+                                          "data_optics (groups: [1])")
+
+
+@pytest.mark.parametrize("col,value,expected", [
+    (0, "1.5", "rlnOpticsGroup is 1.5; expected a whole number"),
+    (0, "abc", "rlnOpticsGroup is 'abc'; expected a whole number"),
+    (6, "16.5", "rlnImageSize is 16.5; expected a whole number"),
+    (6, "abc", "rlnImageSize is 'abc'; expected a whole number"),
+])
+def test_optics_table_values_name_their_line(tmp_path, capsys, col, value, expected):
+    path = star(tmp_path, rows())
+    path.write_text(path.read_text().replace(OPTICS_ROW, cells(OPTICS_ROW, col, value)))
+    assert check(path, capsys=capsys) == f"{path}, line {OPTICS_LINE}: data_optics: {expected}"
+
+
+def test_optics_group_given_twice(tmp_path, capsys):
+    path = star(tmp_path, rows())
+    path.write_text(path.read_text().replace(OPTICS_ROW, OPTICS_ROW + "\n" + cells(OPTICS_ROW, 5, "3.0")))
+    assert check(path, capsys=capsys) == (f"{path}, line {OPTICS_LINE + 1}: data_optics: rlnOpticsGroup is 1; "
+                                          "expected each optics group once")
+
+
+@pytest.mark.parametrize("label,value,expected", [
+    ("rlnOriginX", "abc", "rlnOriginX is 'abc'; expected a number"),
+    ("rlnOriginYAngst", "x1", "rlnOriginYAngst is 'x1'; expected a number"),
+    ("dparticlesDataSign", "0", "dparticlesDataSign is 0.0; expected +1 or -1 (the data sign)"),
+    ("dparticlesDataSign", "up", "dparticlesDataSign is 'up'; expected a number"),
+])
+def test_other_particle_columns_name_their_particle(tmp_path, capsys, label, value, expected):
+    lines = [f"{r} 1" for r in rows()]
+    lines[2] = cells(lines[2], 6, value)
+    path = star(tmp_path, lines, head=HEAD + f"_{label} #7\n")
+    assert check(path, capsys=capsys) == f"{path}, line {HEAD_LINES + 4}, particle 3: {expected}"
+
+
+@pytest.mark.parametrize("col,value,expected", [
+    (2, "abc", "rlnDetectorPixelSize is 'abc'; expected a number"),
+    (3, "inf", "rlnMagnification is inf; expected a finite number"),
+])
+def test_star_30_pixel_size_inputs_name_their_particle(tmp_path, capsys, col, value, expected):
+    make_stack(tmp_path / "s.mrcs", 4)
+    head = "\ndata_\n\nloop_\n_rlnImageName\n_rlnMicrographName\n_rlnDetectorPixelSize\n_rlnMagnification\n"
+    lines = [f"{i + 1:06d}@s.mrcs mic1.mrc 5.0 33333.3" for i in range(4)]
+    lines[1] = cells(lines[1], col, value)
+    path = tmp_path / "particles.star"
+    path.write_text(head + "\n".join(lines) + "\n")
+    assert check(path, capsys=capsys) == f"{path}, line {head.count(chr(10)) + 2}, particle 2: {expected}"
