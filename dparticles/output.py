@@ -204,6 +204,30 @@ def _refuse_one(f: str, out: Path, targets: set[str], dirs: dict, flag: str) -> 
                                     path=out)
 
 
+def refuse_overlaps(outputs: list[tuple[str, Path]]) -> None:
+    """Raise ParticleError if two outputs of one run (``(flag, path)``: ``--out`` folders, ``--zarr``
+    caches) would write into each other, comparing paths as named and with links resolved: the same
+    place, one inside the other, or a cache where an output folder keeps its own files. Finishing
+    one output then never moves or removes what another owns. A cache may lie in an output folder
+    (beside ``stacks/`` and the metadata, as ``--zarr OUT/cache.zarr``), nothing else may."""
+    places = [(flag, path, {os.path.normpath(os.path.abspath(path)), os.path.realpath(path)})
+              for flag, path in outputs]
+    for i, (flag_a, a, at_a) in enumerate(places):
+        for flag_b, b, at_b in places[i + 1:]:
+            if at_a & at_b:
+                raise ParticleError(f"{flag_a} {a} and {flag_b} {b} are the same place; give each output "
+                                    "its own path")
+            for (fin, inner, at_in), (fout, outer, at_out) in (((flag_a, a, at_a), (flag_b, b, at_b)),
+                                                                 ((flag_b, b, at_b), (flag_a, a, at_a))):
+                first = {os.path.relpath(p, o).split(os.sep)[0] for p in at_in for o in at_out if _inside(p, o)}
+                owned = sorted(first & {"stacks", RECORDS, *METADATA, *RUN_FILES, RUN_MARKER, LOCK})
+                if not first or (fin, fout) == ("--zarr", "--out") and not owned:
+                    continue
+                where = f", where it keeps its {owned[0]}" if fout == "--out" and owned else ""
+                raise ParticleError(f"{fin} {inner} lies inside {fout} {outer}{where}; give each output its "
+                                    "own path")
+
+
 # --- the output folder: refusals, lock, resume, overwrite ----------------------------------------
 
 @dataclass

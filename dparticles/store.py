@@ -32,7 +32,7 @@ from dparticles import __version__, config
 from dparticles.cluster import RunSummary, cluster_client, reset_worker_peaks, watch
 from dparticles.errors import ParticleError
 from dparticles.output import project_path, prepare_output, refuse_inputs, remove_temporaries, write_metadata
-from dparticles.output import hold_outputs
+from dparticles.output import hold_outputs, refuse_overlaps
 from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
 from dparticles.io.mrc import HEADER_BYTES, stack_header
 from dparticles.planning import byte_runs, chunk_bounds
@@ -127,6 +127,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         raise ParticleError(f"batch size must be at least 1, got {batch_size}")
     for d in dss:
         _check_images(d)
+    refuse_overlaps([("--out", o) for o in outs if o is not None] + [("--zarr", z) for z in zarrs if z is not None])
     for d, z in zip(dss, zarrs):
         if z is not None:  # before any work: no cache may replace an input or an unasked-for cache
             check_zarr_target(z, d, overwrite=overwrite)
@@ -169,6 +170,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
             reports.append(StoreResult(None, d.sizes["particle"], 0, 0, summary, notes))
             continue
         done = [stats for key, r in by_key.items() if key[0] == f"piece-{p.token}" for stats in r.values()]
+        _check_written(p)
         if p.dtype == "<f2":
             written = int(np.diff(p.files)[~p.kept].sum())  # the error is over the files written now
             notes.insert(0, float16_report(done, written * d.sizes["y"] * d.sizes["x"], int(p.kept.sum())))
@@ -254,11 +256,7 @@ def _plan(ds: xr.Dataset, out: Path, batch_size: int, float16: bool) -> _Plan:
 def _prepare(plans: list[_Plan], overwrite: bool, label: str) -> None:
     """Prepare every output folder (refusals, resume), refusing any before changing one: when one
     folder of a list is refused, the others are left as they were, neither created nor emptied."""
-    seen = set()
     for p in plans:
-        if p.out.resolve() in seen:
-            raise ParticleError("the same output folder is given for two datasets; give each its own", path=p.out)
-        seen.add(p.out.resolve())
         refuse_inputs(p.out, p.ds)
         if p.out.exists() and not p.out.is_dir():
             raise ParticleError("output exists and is not a folder", path=p.out)
@@ -445,6 +443,18 @@ def _graph(plans: list[_Plan], nonce: str) -> tuple[HighLevelGraph, list, int]:
         graphs.append(HighLevelGraph.from_collections(f"store-{plan.token}", dsk, dependencies=deps))
     graph = HighLevelGraph.merge(*graphs) if graphs else HighLevelGraph({}, {})
     return graph, keys, nbytes
+
+
+def _check_written(plan: _Plan) -> None:
+    """Every stack the metadata will name is in place, whole, before the metadata is written: a run
+    that says it succeeded has its output."""
+    for k in range(len(plan.names)):
+        final = plan.final(k)
+        size = os.stat(final).st_size if is_regular(final) else None
+        if size != _record(plan, k)["size"]:
+            raise ParticleError(f"{plan.names[k]} is {'missing' if size is None else f'{size} bytes'} after the "
+                                f"run; expected {_record(plan, k)['size']} bytes. Rerun to write it again",
+                                path=plan.out)
 
 
 def _positions(plan: _Plan, project: Path) -> tuple[np.ndarray, np.ndarray]:

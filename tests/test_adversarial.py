@@ -43,6 +43,7 @@ from helpers import read_direct, simple_set, star_images, write_star
 from jobdata import shuffled_set
 
 from dparticles.cli import main
+from dparticles.dataset import open_particles
 from dparticles.io.mrc import HEADER_BYTES
 from dparticles.output import atomic_write
 
@@ -157,6 +158,43 @@ def test_overwrite_refuses_an_output_holding_other_files_and_removes_only_its_ow
                                     "report.html"}
     assert not temporaries(out) and not (out / LOCK).exists()
     assert star_images(out / "particles.star").tobytes() == images.tobytes()
+
+
+@pytest.mark.parametrize("out, zarr, expected", [
+    ("r", "r", "--out {t}/r and --zarr {t}/r are the same place"),
+    ("r", "link", "--out {t}/r and --zarr {t}/link are the same place"),  # link -> r
+    ("c/r", "c", "--out {t}/c/r lies inside --zarr {t}/c;"),
+    ("r", "r/stacks", "--zarr {t}/r/stacks lies inside --out {t}/r, where it keeps its stacks"),
+    ("r", "r/particles.star", "lies inside --out {t}/r, where it keeps its particles.star"),
+    ("r", "r/.dparticles/c.zarr", "lies inside --out {t}/r, where it keeps its .dparticles"),
+    ("link/sub", "r", "--out {t}/link/sub lies inside --zarr {t}/r;"),
+])
+def test_outputs_of_one_run_never_consume_each_other(tmp_path, capsys, out, zarr, expected):
+    """--out and --zarr that are one place, or one inside the other where it would be moved or
+    removed with it, are refused before any work, whether named so or reached through a link: a
+    run that reported success once had lost its stacks this way."""
+    star, _ = simple_set(tmp_path / "p")
+    (tmp_path / "link").symlink_to("r")
+    before = snapshot(tmp_path)
+    code, stdout, err = quiet_main(["restack", star, "--out", tmp_path / out, "--zarr", tmp_path / zarr,
+                                    "--batch-size", "5"], capsys)
+    assert code == 1 and expected.format(t=tmp_path) in err, err
+    assert "Started a local Dask cluster" not in stdout + err  # refused before any work
+    assert snapshot(tmp_path) == before
+
+
+def test_a_cache_beside_the_stacks_and_one_per_size_in_the_same_folder_are_kept_whole(tmp_path, capsys):
+    """What may share a folder does, and every file the metadata names is there afterwards."""
+    star, images = simple_set(tmp_path / "p")
+    out = tmp_path / "d"
+    code, _, err = quiet_main(["downsample", star, "--out", out, "--zarr", out, "--fourier-box", "8", "16",
+                               "--batch-size", "5"], capsys)
+    assert code == 0, err
+    for box in (8, 16):
+        ds = open_particles(out / f"box{box}" / "particles.star")
+        assert ds.sizes["x"] == box and ds.sizes["particle"] == len(images)
+        cached = open_particles(out / f"box{box}.zarr")
+        assert cached["images"].values.tobytes() == ds["images"].values.tobytes()
 
 
 def test_overwrite_never_removes_links_an_input_needs(tmp_path, capsys):

@@ -424,7 +424,7 @@ REFUSALS = {  # case: (call(ds, other, out, busy, log), what the message says)
     "one folder for two": (lambda ds, other, out, busy, log: dparticles.to_stacks([ds, other], out, log=log),
                            "2 datasets need a list of 2 out values"),
     "same folder twice": (lambda ds, other, out, busy, log: dparticles.to_stacks(
-        [ds, other], [out, out], overwrite=True, log=log), "same output folder"),
+        [ds, other], [out, out], overwrite=True, log=log), "are the same place"),
     "batch size 0": (lambda ds, other, out, busy, log: dparticles.to_stacks(ds, out, batch_size=0, log=log),
                      "batch size must be at least 1, got 0"),
     "negative batch size": (lambda ds, other, out, busy, log: dparticles.restack(ds, out, batch_size=-5, log=log),
