@@ -776,6 +776,17 @@ def run_tasks(client: distributed.Client, func: Callable[..., Any], args_list: l
     return watch(client, futures, label=label, log=log, nbytes=nbytes, peaks_reset=True)
 
 
+def _died(exc: BaseException, futures: list, label: str, name_task: Callable[[Any], str] | None) -> ParticleError:
+    """One line for a task that ran out of memory or killed its worker: which, and what to change."""
+    if isinstance(exc, distributed.KilledWorker):
+        key, why = exc.task, "killed its worker each time it ran (the worker's memory limit, or a crash)"
+    else:
+        key, why = next((f.key for f in futures if f.status == "error"), None), "ran out of memory"
+    what = name_task(key) if name_task is not None and key is not None else f"task {key}"
+    return ParticleError(f"{label}: {what} {why}; give each worker more memory (--memory-limit) or lower "
+                         "dparticles.memory-budget so that a task holds fewer particles, then rerun to resume")
+
+
 def _progress_bar(label: str, n: int, nbytes: int | None):
     """A tqdm bar in bytes (or tasks) on a terminal or in Jupyter; None elsewhere (log lines then)."""
     in_notebook = "ipykernel" in sys.modules
@@ -796,13 +807,16 @@ def reset_worker_peaks(client: distributed.Client) -> None:
 
 
 def watch(client: distributed.Client, futures: list, *, label: str, log: Log = print,
-          nbytes: int | None = None, peaks_reset: bool = False) -> tuple[list, RunSummary]:
+          nbytes: int | None = None, peaks_reset: bool = False,
+          name_task: Callable[[Any], str] | None = None) -> tuple[list, RunSummary]:
     """Wait for ``futures`` showing progress, then gather their results (in order) and summarise.
 
     Progress shows as a live bar (tqdm: bytes/s and time left) on a terminal or in Jupyter (a
     widget where ipywidgets is installed), otherwise as a log line every ``progress-interval``
     seconds. On an error the remaining futures are cancelled and the task's exception is
-    raised; so they are on an interrupt.
+    raised; so they are on an interrupt. A task that runs out of memory (``MemoryError``) or whose
+    worker dies each time it runs it (``KilledWorker``) ends the run in one ParticleError naming it
+    (``name_task(key)``: which particles, say) and what to change.
 
     The summary's worker peak memory counts from :func:`reset_worker_peaks`: callers that
     submit the futures themselves should call it first and pass ``peaks_reset=True``;
@@ -837,6 +851,10 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
             if not batch:
                 time.sleep(min(0.1, interval) if interval > 0 else 0.05)
         results = client.gather(futures)
+    except (distributed.KilledWorker, MemoryError) as exc:
+        error = _died(exc, futures, label, name_task)  # before cancelling: the failed future names the task
+        client.cancel(futures)
+        raise error from None
     except BaseException:
         client.cancel(futures)
         raise

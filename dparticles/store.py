@@ -150,7 +150,8 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
             reset_worker_peaks(client)
             futures = client.get(graph, keys, sync=False) if keys else []
             futures += [client.compute(job.delayed) for job in zarr_jobs]
-            results, summary = watch(client, futures, label=label, log=log, nbytes=nbytes, peaks_reset=True)
+            results, summary = watch(client, futures, label=label, log=log, nbytes=nbytes, peaks_reset=True,
+                                     name_task=lambda key: _task_name(key, [p for p in plans if p is not None]))
         html = report.read_text() if report is not None and report.is_file() else None
     except ParticleError as exc:
         raise _located(exc, dss, plans) from None
@@ -443,6 +444,19 @@ def _graph(plans: list[_Plan], nonce: str) -> tuple[HighLevelGraph, list, int]:
         graphs.append(HighLevelGraph.from_collections(f"store-{plan.token}", dsk, dependencies=deps))
     graph = HighLevelGraph.merge(*graphs) if graphs else HighLevelGraph({}, {})
     return graph, keys, nbytes
+
+
+def _task_name(key, plans: list[_Plan]) -> str:
+    """Which particles a task of the run holds, for a person: its piece or file of an output, or the
+    chunk of the images it computes (the pieces of a computed output are the images' chunks)."""
+    name, index = (key[0], key[1]) if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int) \
+        else (str(key), None)
+    for plan in plans if index is not None else []:
+        if name == f"finish-{plan.token}":
+            return f"the task finishing {plan.names[index]} in {plan.out}"
+        if name == f"piece-{plan.token}" or (plan.copy is None and index < len(plan.pieces) - 1):
+            return f"the task of particles {plan.pieces[index] + 1} to {plan.pieces[index + 1]} ({name})"
+    return f"task {name}"
 
 
 def _check_written(plan: _Plan) -> None:

@@ -6,12 +6,16 @@ reached by address or scheduler file, the active client, one worker)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
+import dask
+import numpy as np
 import psutil
 import pytest
 from distributed import Client, LocalCluster
+from helpers import simple_set
 from jobdata import TMP_MARK, Killer, assert_same_output, shuffled_set
 
 import dparticles
@@ -114,3 +118,38 @@ def test_output_is_the_same_whichever_cluster_ran_it(job, sets, tmp_path):
     run(job, sets, tmp_path / "one", cluster={"n_workers": 1}, log=log.append)
     assert any("Started a local Dask cluster: 1 worker x" in m for m in log), log
     assert_same_output(tmp_path / "one", ref)
+
+
+def _hungry(block, bytes_needed: int, from_particle: int, block_info=None):
+    """The block as it is, unless it holds particle ``from_particle`` (0-based) or later: then first
+    ask for ``bytes_needed`` of memory and touch it, as a kernel on too large a chunk would."""
+    if block_info[0]["array-location"][0][1] > from_particle:
+        np.ones(bytes_needed, dtype=np.uint8)
+    return block
+
+
+@pytest.mark.parametrize("how", ["MemoryError", "killed by its nanny"])
+def test_a_task_that_runs_out_of_memory_ends_the_run_in_one_line(tmp_path, how):
+    """A task that asks for more memory than there is (numpy's MemoryError), or whose worker the
+    nanny kills at its memory limit, ends the run with one ParticleError naming the particles of
+    that task and what to change, not a traceback; and nothing is left that claims success."""
+    star, _ = simple_set(tmp_path / "p", n_stacks=2, per_stack=6)
+    ds = dparticles.open_particles(star, chunks=6)
+    need = 2**50 if how == "MemoryError" else 2**30  # 1 PiB cannot be had; 1 GiB is over the 400 MB limit
+    ds = ds.assign(images=(("particle", "y", "x"), ds["images"].data.map_blocks(
+        _hungry, need, 6, dtype=ds["images"].dtype)))
+    # a worker that dies fails every task it held; dask retries them, so the culprit is the one
+    # that keeps killing it (each retry costs a worker restart, about a second)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 2}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", memory_limit="400MB",
+                         dashboard_address="127.0.0.1:0") as cluster, Client(cluster):
+        with pytest.raises(dparticles.ParticleError) as err:
+            dparticles.to_stacks(ds, tmp_path / "out", batch_size=4, log=lambda m: None)
+    message = str(err.value)
+    # a MemoryError is the failed task's own; a dead worker fails every task it held, and dask blames
+    # whichever of them went over the retries first, which may be the other chunk
+    assert re.search("the task of particles 7 to 12" if how == "MemoryError" else
+                     "the task of particles (1 to 6|7 to 12)", message), message
+    assert ("ran out of memory" if how == "MemoryError" else "killed its worker") in message, message
+    assert "--memory-limit" in message and "dparticles.memory-budget" in message, message
+    assert not (tmp_path / "out" / "particles.star").exists()
