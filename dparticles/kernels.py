@@ -26,12 +26,54 @@ from collections.abc import Sequence
 import ducc0.fft
 import numpy as np
 
-__all__ = ["crop_pad", "downsample", "fourier_box_for_pixel_size"]
+__all__ = ["crop_pad", "downsample", "fourier_box_for_pixel_size", "task_peak_bytes"]
 
 # Images per FFT call are padded to a multiple of this, so that an image's result does not depend on
 # which others share its call (ducc0 vectorises across images; a partial group rounds differently).
 # Then output is the same bits whatever the dask chunking or batch size.
 FFT_GROUP = 16
+
+
+def task_peak_bytes(n: int, box: int, crop_box: int | None, out_boxes: Sequence[int], *, itemsize: int = 4,
+                    fourier: bool = True, split: bool = False) -> int:
+    """Bytes that :func:`downsample_chunk` holds at its peak for ``n`` images of ``box`` pixels (stored
+    with ``itemsize`` bytes a pixel, 4 being float32), cropped or padded to ``crop_box`` (None: no crop), then Fourier
+    cropped to each of ``out_boxes`` (``fourier``: False when there is no Fourier pass, only the crop).
+
+    What it counts: the input stack; its float32 copy (when the input is not float32), then the
+    working images of the crop box ``C``; in the Fourier pass, for ``N`` images (``n`` rounded up to
+    whole groups of :data:`FFT_GROUP`, which the FFTs are padded to): the padded working images (when
+    ``N > n``), the rfft2 half-planes ``N * C * (C//2 + 1)`` complex64, and for each output box ``o``
+    in turn the outputs of the boxes before it, the windowed half-plane of ``m = min(o, C)``, the
+    zero-padded ``o`` half-plane when ``o > C``, the ``o``-box output and the phase ramp's
+    temporaries; plus one set of per-task filter arrays of ``m`` (float64). ``split`` (a lowpass
+    over several pixel sizes, filtered group by group) adds a copy of the working images and the
+    outputs filled group by group. Python's and the worker's own memory are not counted.
+    """
+    groups = -(-n // FFT_GROUP) * FFT_GROUP
+    c = box if crop_box is None else crop_box
+    inputs = n * box * box * itemsize
+    converted = 0 if itemsize == 4 else n * box * box * 4  # the float32 copy of (float16, int16) input
+    if crop_box is None:  # the copy, if any, is the working stack
+        work, peak = converted, inputs + converted
+    else:  # the copy lives only while cropping
+        work = n * c * c * 4
+        peak = inputs + converted + work
+    if not fourier:
+        return peak
+    spectra = groups * c * (c // 2 + 1) * 8 + (groups * c * c * 4 if groups > n else 0)
+    done, top, filters = 0, 0, 0
+    for o in out_boxes:
+        m = min(o, c)
+        half = groups * m * (m // 2 + 1) * 8
+        padded = groups * o * (o // 2 + 1) * 8 if o > c else 0
+        ramp = groups * (m + m // 2 + 1) * 16 * 3
+        top = max(top, done + half + padded + groups * o * o * 4 + ramp)
+        filters = max(filters, m * (m // 2 + 1) * 8 * 6)
+        done += groups * o * o * 4
+    if split:
+        top += n * c * c * 4 + n * sum(o * o for o in out_boxes) * 4
+    return max(peak, inputs + work + spectra + top + filters)
 
 
 def _as_stack(images: np.ndarray, name: str = "images") -> np.ndarray:

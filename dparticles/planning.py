@@ -3,6 +3,7 @@ of source images each one reads. numpy and the standard library only; no I/O."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -17,6 +18,51 @@ def chunk_bounds(n: int, size: int) -> np.ndarray:
     if size < 1:
         raise ValueError(f"chunk size must be at least 1, got {size}")
     return np.unique(np.append(np.arange(0, n, size, dtype=np.int64), n))
+
+
+def fit_chunks(chunks: Sequence[int], peak: Callable[[int], int], budget: int, group: int) -> tuple[int, ...]:
+    """``chunks`` (particles per task) with every chunk whose ``peak`` exceeds ``budget`` cut into
+    pieces that fit, the others kept. ``peak(n)`` must not fall as ``n`` grows through multiples of
+    ``group``, nor below ``group``; between them it may (a task of 17 may need more than one of 32,
+    when its images are padded to 32). So a chunk is cut into tasks of the most whole groups that fit,
+    then its remainder, kept whole if it fits, else cut into whole groups (when a group fits) and
+    pieces of the most particles below ``group`` that fit.
+
+    >>> peak = lambda n: 10 * n + (16 - n % 16) % 16 * 20  # 10 a particle, 20 a padding image
+    >>> fit_chunks([100, 40, 6], peak, 400, 16)
+    (32, 32, 32, 4, 32, 8, 6)
+    >>> fit_chunks([20], lambda n: 100 * n + (16 - n % 16) % 16 * 20, 1000, 16)  # not even 16 fit
+    (8, 8, 4)
+
+    Raises ValueError if a task of one particle does not fit.
+    """
+    if peak(1) > budget:
+        raise ValueError(f"a task of one particle needs {peak(1)} bytes, more than the budget {budget}")
+    small = _largest(lambda n: peak(n) <= budget, min(group - 1, max(chunks, default=1)))
+    big = group * _largest(lambda k: peak(group * k) <= budget, max(chunks, default=0) // group)
+    out: list[int] = []
+    for c in chunks:
+        if peak(c) <= budget:
+            out.append(c)
+            continue
+        whole, rest = divmod(c, big) if big else (0, c)
+        out += [big] * whole
+        if rest and peak(rest) > budget:
+            head = rest - rest % group if big else 0  # whole groups, at most ``big``: they fit
+            tail, last = divmod(rest - head, small) if rest > head else (0, 0)
+            out += [head] * (head > 0) + [small] * tail + [last] * (last > 0)
+        elif rest:
+            out.append(rest)
+    return tuple(out)
+
+
+def _largest(fits: Callable[[int], bool], top: int) -> int:
+    """The largest ``k`` in ``1..top`` with ``fits(k)`` (0 if none), for ``fits`` true up to some k."""
+    lo, hi = 0, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 class ChunkReads(NamedTuple):
