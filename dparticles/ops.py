@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.utils import format_bytes, parse_bytes
 
-from dparticles import kernels
+from dparticles import config, kernels, planning
 from dparticles.errors import ParticleError
 
 __all__ = ["crop", "downsample", "fourier_crop", "lowpass", "recenter"]
@@ -35,6 +36,7 @@ MICROGRAPH_PIXEL_SIZE = ("star_optics:rlnMicrographPixelSize", "star:rlnMicrogra
                          "star:rlnMicrographOriginalPixelSize")
 _LISTS = (list, tuple, np.ndarray)
 MAX_UPSAMPLING = 4  # Fourier boxes beyond this many times the box are refused as typos
+TASK_SHARE = 0.75  # of dparticles.memory-budget a task's arrays may hold; the rest is the worker's own
 
 
 def crop(ds: xr.Dataset, box: int) -> xr.Dataset:
@@ -120,8 +122,11 @@ def downsample(ds: xr.Dataset, *, crop_box: int | None = None, fourier_box: int 
     _warn_odd_requests(boxes, c, lowpass, float(psize.max()))
     shifts = _shifts_px(ds, psize) if recenter else None
     mic, mic_from = _micrograph_pixel_size(ds, micrograph_pixel_size) if recenter else (None, None)
+    peak = _task_model(ds, crop_box, tuple(boxes), recenter or lowpass is not None,
+                       lowpass is not None and len(np.unique(psize)) > 1)
+    _check_memory(peak, crop_box, boxes, int(ds.sizes["x"]))
 
-    images = _images(ds, crop_box, tuple(boxes), lowpass, psize, shifts)
+    images = _images(ds, crop_box, tuple(boxes), lowpass, psize, shifts, peak)
     # psize * C / b, but psize itself when C == b: 2.8 * 96 / 96 is 2.7999999999999994 in float64
     out = [_result(ds, img, psize * c / b if b != c else psize.copy(), b, mic, mic_from)
            for img, b in zip(images, boxes)]
@@ -142,6 +147,37 @@ def _warn_odd_requests(boxes: list[int], c: int, lowpass: float | None, psize: f
         if lowpass is not None and lowpass < nyquist:
             warnings.warn(f"lowpass {lowpass:g} Å is beyond the {b}-pixel output's Nyquist limit "
                           f"({nyquist:.4g} Å): it changes nothing there", stacklevel=3)
+
+
+def _task_model(ds: xr.Dataset, crop_box: int | None, boxes: tuple[int, ...], filtered: bool,
+                split: bool) -> Callable[..., int]:
+    """``peak(n, outs=boxes)``: bytes one task of ``n`` particles holds at its peak
+    (:func:`kernels.task_peak_bytes` for these images and arguments). ``filtered``: a lowpass or
+    recentring, which need the Fourier pass."""
+    box, itemsize = int(ds.sizes["x"]), int(ds["images"].dtype.itemsize)
+    fourier = filtered or any(b != (crop_box or box) for b in boxes)
+    return lambda n, outs=boxes: kernels.task_peak_bytes(n, box, crop_box, outs, itemsize=itemsize,
+                                                         fourier=fourier, split=split)
+
+
+def _task_budget() -> int:
+    """Bytes a task's arrays may hold: :data:`TASK_SHARE` of ``dparticles.memory-budget``."""
+    return int(TASK_SHARE * parse_bytes(str(config.get("memory-budget"))))
+
+
+def _check_memory(peak: Callable[..., int], crop_box: int | None, boxes: list[int], box: int) -> None:
+    """Refuse sizes whose task of one particle would not fit the budget, naming the size to blame: the
+    crop box (or the input box) if even a 2-pixel output would not fit, else the largest Fourier box."""
+    need = peak(1)
+    if need <= _task_budget():
+        return
+    if peak(1, (2,)) > _task_budget():
+        what = f"crop box {crop_box} (--crop-box)" if crop_box is not None else f"the images' box {box}"
+    else:
+        what = f"Fourier box {max(boxes)} (--fourier-box) from a {crop_box or box}-pixel box"
+    raise ParticleError(f"{what} would need {format_bytes(need)} for a task of one particle, more than "
+                        f"{TASK_SHARE:.0%} of the memory budget of {config.get('memory-budget')} per worker "
+                        "(dparticles.memory-budget); ask for a smaller box or a larger budget")
 
 
 def _positive(value: object) -> bool:
@@ -236,12 +272,16 @@ def _micrograph_pixel_size(ds: xr.Dataset, override: float | None) -> tuple[np.n
 
 
 def _images(ds: xr.Dataset, crop_box: int | None, boxes: tuple[int, ...], lowpass: float | None,
-            psize: np.ndarray, shifts: np.ndarray | None) -> list[da.Array]:
+            psize: np.ndarray, shifts: np.ndarray | None, peak: Callable[..., int]) -> list[da.Array]:
     """One lazy image array per output box, all picked from a single blockwise layer whose every
-    block is the tuple of outputs of one read and one forward FFT."""
+    block is the tuple of outputs of one read and one forward FFT, over particle chunks small
+    enough that each task's ``peak`` fits the budget."""
     images = da.asarray(ds["images"].data)
     if images.numblocks[1:] != (1, 1):
         images = images.rechunk({1: -1, 2: -1})
+    budget = _task_budget()
+    if peak(max(images.chunks[0], default=0)) > budget:  # cut only chunks that do not fit
+        images = images.rechunk({0: planning.fit_chunks(images.chunks[0], peak, budget, kernels.FFT_GROUP)})
     along = (images.chunks[0],)
     options = {"crop_box": crop_box, "boxes": boxes, "lowpass": lowpass}
     if shifts is None and (psize == psize[:1]).all():  # one pixel size (the usual case): a value, not a task per block
