@@ -1,8 +1,10 @@
 """Lazy image transforms on an opened particle Dataset: Dataset in, Dataset out, nothing read.
 
 Each function checks its arguments first (raising :class:`ParticleError` before any graph is
-built), then returns a new Dataset whose ``images`` is one ``blockwise`` call of
-:func:`kernels.downsample` (or :func:`kernels.crop_pad`) over the input's particle chunks, float32,
+built, also for boxes whose task of one particle would not fit the memory budget), then returns a
+new Dataset whose ``images`` is one ``blockwise`` call of :func:`kernels.downsample` (or
+:func:`kernels.crop_pad`) over the input's particle chunks, float32, each chunk cut where the
+kernel's peak (:func:`kernels.task_peak_bytes`) would exceed 75% of ``dparticles.memory-budget``,
 and whose metadata already say what the images now are: ``pixel_size = psize * C / b`` in float64
 (``C`` the box after the real-space crop, ``b`` the output box), ``box``, and after recentring zero
 shifts and picking coordinates moved by ``- shift / micrograph_pixel_size``. Every other coordinate
