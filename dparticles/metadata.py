@@ -571,7 +571,7 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
     if "uid" in names:
         out["uid"] = take("uid").astype(np.uint64)
     if "blob/path" in names:
-        paths = _decoded(take("blob/path"))
+        paths = _decoded(take("blob/path"), "blob/path", path)
         out["image_name"] = paths.rename_categories([c.lstrip(">") for c in paths.categories]) \
             if len(set(c.lstrip(">") for c in paths.categories)) == len(paths.categories) \
             else categorical(np.asarray(paths.categories.str.lstrip(">"), dtype=object)[paths.codes])
@@ -580,7 +580,8 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
         shape = take("blob/shape")
         if (shape[:, 0] != shape[:, 1]).any():
             row = int(np.flatnonzero(shape[:, 0] != shape[:, 1])[0])
-            raise ParticleError(f"blob/shape {tuple(shape[row])} is not square", path=path, particle=row + 1)
+            raise ParticleError(f"blob/shape is {_shown(shape[row])}; expected a square image (ny = nx)", path=path,
+                                particle=row + 1)
         out["box"] = _same_or(shape[:, 0].astype(np.int64))
     if "blob/psize_A" in names:
         out["pixel_size"] = _same_or(float32_decimal(take("blob/psize_A")))
@@ -602,8 +603,8 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
         out["optics_group"] = _same(np.int64(1), len(data))
     out["optics_group_name"] = _group_names(out["optics_group"])
     if "location/micrograph_path" in names:
-        out["micrograph"] = _decoded(take("location/micrograph_path"))
-    if {"location/center_x_frac", "location/micrograph_shape"} <= names:
+        out["micrograph"] = _decoded(take("location/micrograph_path"), "location/micrograph_path", path)
+    if set(_CS_LOCATION) <= names:
         shape = take("location/micrograph_shape").astype(np.float64)
         out["coord_x"] = take("location/center_x_frac").astype(np.float64) * shape[:, 1]
         out["coord_y"] = take("location/center_y_frac").astype(np.float64) * shape[:, 0]
@@ -611,73 +612,155 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
         out["micrograph_nx"] = shape[:, 1].astype(np.int64)
 
     pose = "none"
-    for kind in ("alignments3D", "alignments2D"):
-        if f"{kind}/shift" in names and pose == "none":
-            pose = "3d" if kind == "alignments3D" else "2d"
-            psize = take(f"{kind}/psize_A").astype(np.float64) if f"{kind}/psize_A" in names else out["pixel_size"]
-            shift = take(f"{kind}/shift").astype(np.float64)
-            out["shift_x"] = shift[:, 0] * psize
-            out["shift_y"] = shift[:, 1] * psize
-            if f"{kind}/pose" in names:
-                p = take(f"{kind}/pose").astype(np.float64)
-                if kind == "alignments3D":
-                    # CryoSPARC's pose is the inverse rotation of RELION's matrix (as pyem and cryoDRGN read it)
-                    out["angle_rot"], out["angle_tilt"], out["angle_psi"] = euler_from_matrix(
-                        np.swapaxes(expmap(p), -1, -2))
-                else:
-                    out["angle_psi"] = np.rad2deg(p)
-            if f"{kind}/class" in names:
-                out["class_number"] = take(f"{kind}/class").astype(np.int64) + 1
+    kind = _alignments(names)
+    if kind is not None:
+        pose = "3d" if kind == "alignments3D" else "2d"
+        psize = take(f"{kind}/psize_A").astype(np.float64) if f"{kind}/psize_A" in names else out["pixel_size"]
+        shift = take(f"{kind}/shift").astype(np.float64)
+        out["shift_x"] = shift[:, 0] * psize
+        out["shift_y"] = shift[:, 1] * psize
+        if f"{kind}/pose" in names:
+            p = take(f"{kind}/pose").astype(np.float64)
+            if kind == "alignments3D":
+                # CryoSPARC's pose is the inverse rotation of RELION's matrix (as pyem and cryoDRGN read it)
+                out["angle_rot"], out["angle_tilt"], out["angle_psi"] = euler_from_matrix(
+                    np.swapaxes(expmap(p), -1, -2))
+            else:
+                out["angle_psi"] = np.rad2deg(p)
+        if f"{kind}/class" in names:
+            out["class_number"] = take(f"{kind}/class").astype(np.int64) + 1
     for f in data.dtype.names:
         if f in used:
             continue
         col = data[f]
         key = f"cs:{f.replace('/', '.')}"
         if col.ndim == 1:
-            out[key] = _decoded(col) if col.dtype.kind == "S" else np.ascontiguousarray(col)
+            out[key] = _decoded(col, f, path) if col.dtype.kind == "S" else np.ascontiguousarray(col)
         else:
             for i in range(col.shape[1]):
                 out[f"{key}[{i}]"] = np.ascontiguousarray(col[:, i])
     return Table(pd.DataFrame(out, index=pd.RangeIndex(len(data)), copy=False), {"format": "cryosparc", "pose": pose})
 
 
+# The .cs fields read above: (shape per particle, type, bound, what the field means). A type is "int"
+# (integers), "number", "finite" (a number, not NaN or infinite), "sign" (+1 or -1) or "text" (bytes,
+# decoded as UTF-8 when read); a bound is "", ">= 0" or "> 0".
+_CS_FIELDS: dict[str, tuple[tuple[int, ...], str, str, str]] = {
+    "uid": ((), "int", ">= 0", "the particle's unique id"),
+    "blob/path": ((), "text", "", "the stack path"),
+    "blob/idx": ((), "int", ">= 0", "the 0-based image index"),
+    "blob/shape": ((2,), "int", "> 0", "the image size ny, nx in pixels"),
+    "blob/psize_A": ((), "finite", "", "the pixel size in Å"),
+    "blob/sign": ((), "sign", "", "the data sign"),
+    "ctf/accel_kv": ((), "finite", "", "the voltage in kV"),
+    "ctf/cs_mm": ((), "finite", "", "the spherical aberration in mm"),
+    "ctf/amp_contrast": ((), "finite", "", "the amplitude contrast"),
+    "ctf/df1_A": ((), "finite", "", "defocus U in Å"),
+    "ctf/df2_A": ((), "finite", "", "defocus V in Å"),
+    "ctf/df_angle_rad": ((), "finite", "", "the astigmatism angle in radians"),
+    "ctf/phase_shift_rad": ((), "finite", "", "the phase shift in radians"),
+    "ctf/exp_group_id": ((), "int", ">= 0", "the 0-based exposure group"),
+    "mscope_params/total_dose_e_per_A2": ((), "number", "", "the total dose in e/Å²"),
+    "location/micrograph_path": ((), "text", "", "the micrograph path"),
+    "location/micrograph_shape": ((2,), "int", "> 0", "the micrograph size ny, nx in pixels"),
+    "location/center_x_frac": ((), "finite", "", "x as a fraction of the micrograph width"),
+    "location/center_y_frac": ((), "finite", "", "y as a fraction of the micrograph height"),
+}
+_CS_LOCATION = ("location/micrograph_shape", "location/center_x_frac", "location/center_y_frac")  # read together
+_CS_ALIGNMENTS = {"shift": ((2,), "finite", "", "the shift x, y in pixels"),
+                  "psize_A": ((), "finite", "> 0", "the pixel size of the shift in Å"),
+                  "class": ((), "int", ">= 0", "the 0-based class")}
+_CS_POSE = {"alignments3D": ((3,), "finite", "", "the rotation as an axis-angle vector in radians"),
+            "alignments2D": ((), "finite", "", "the in-plane rotation in radians")}
+# type: (dtype kinds, one value, several values)
+_CS_TYPES = {"int": ("iu", "an integer", "integers"), "number": ("iuf", "a number", "numbers"),
+             "finite": ("iuf", "a finite number", "finite numbers"), "sign": ("iuf", "+1 or -1", "numbers"),
+             "text": ("S", "UTF-8 text", "bytes (UTF-8 text)")}
+
+
+def _alignments(names: set[str]) -> str | None:
+    """The alignments a .cs dataset's pose is read from: 3D where given, else 2D, else none."""
+    return next((k for k in ("alignments3D", "alignments2D") if f"{k}/shift" in names), None)
+
+
 def _check_cs(data: np.ndarray, path: Path) -> None:
-    """The image fields of a .cs dataset as CryoSPARC writes them, or one error naming the field (and
-    the particle, 1-based, for a bad value): a wrong index would silently give another particle's image."""
+    """Every .cs field that :func:`from_cs` reads as CryoSPARC writes it (shape, type, range), or one
+    error naming the field and, for a bad value, the particle (1-based): a wrong index would silently
+    give another particle's image. The values are checked a block of rows at a time, all fields of a
+    block while it is in the cache (a field's values are strided through the whole row)."""
     names = set(data.dtype.names)
-    if "blob/path" in names:
-        f = data.dtype.fields["blob/path"][0]
-        if f.kind != "S" or f.shape != ():
-            raise ParticleError(f"field blob/path holds {f}; expected bytes (one fixed-width UTF-8 path per "
-                                "particle)", path=path)
-        if "blob/idx" not in names:
-            raise ParticleError("field blob/path is given without blob/idx; expected both", path=path)
-    if "blob/idx" in names:
-        f = data.dtype.fields["blob/idx"][0]
-        if f.shape != ():
-            raise ParticleError(f"field blob/idx has shape {f.shape} per particle; expected one integer per "
-                                "particle", path=path)
-        if f.kind not in "iu":
-            raise ParticleError(f"field blob/idx holds {f}; expected an integer (0-based image index)", path=path)
-        if f.kind == "i":
-            idx = data["blob/idx"]
-            bad = idx < 0
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                raise ParticleError(f"blob/idx is {int(idx[row])}; expected a 0-based image index >= 0", path=path,
-                                    particle=row + 1)
+    if "blob/path" in names and "blob/idx" not in names:
+        raise ParticleError("field blob/path is given without blob/idx; expected both", path=path)
+    fields = dict(_CS_FIELDS)
+    kind = _alignments(names)
+    if kind is not None:
+        if f"{kind}/psize_A" not in names and "blob/psize_A" not in names:
+            raise ParticleError(f"field {kind}/shift is given without {kind}/psize_A or blob/psize_A; expected "
+                                "one of them (the pixel size of the shift)", path=path)
+        fields |= {f"{kind}/{k}": spec for k, spec in _CS_ALIGNMENTS.items()} | {f"{kind}/pose": _CS_POSE[kind]}
+    checked = []
+    for name in data.dtype.names:
+        if name in fields:
+            _check_cs_type(data[name], name, *fields[name], path)
+            checked.append(name)
+        elif len(data.dtype.fields[name][0].shape) > 1:  # kept as cs:<field>[i] columns, which a matrix is not
+            raise ParticleError(f"field {name} has shape {data.dtype.fields[name][0].shape} per particle; "
+                                "expected a value or a vector per particle", path=path)
+    rows = max(1, 2**20 // data.dtype.itemsize)
+    for a in range(0, len(data), rows):
+        block = data[a:a + rows]
+        try:
+            for name in checked:
+                _check_cs_values(block[name], name, *fields[name], path)
+        except ParticleError as exc:
+            raise ParticleError(exc.message, path=path, particle=a + exc.particle) from None
 
 
-def _decoded(values: np.ndarray) -> pd.Categorical:
+def _check_cs_type(values: np.ndarray, name: str, shape: tuple[int, ...], type_: str, bound: str, meaning: str,
+                   path: Path) -> None:
+    """A field's shape per particle and its dtype against its entry in :data:`_CS_FIELDS`."""
+    kinds, one, many = _CS_TYPES[type_]
+    if values.shape[1:] != shape:
+        raise ParticleError(f"field {name} has shape {values.shape[1:]} per particle; expected "
+                            f"{'one value' if shape == () else f'shape {shape}'} per particle ({meaning})", path=path)
+    if values.dtype.kind not in kinds:
+        if values.dtype.kind in "SU" and shape == ():  # text where numbers belong: the first that is not one
+            floats(values, name, path, f"{one} ({meaning})")
+        raise ParticleError(f"field {name} holds {values.dtype}; expected {many} ({meaning})", path=path)
+
+
+def _check_cs_values(values: np.ndarray, name: str, shape: tuple[int, ...], type_: str, bound: str, meaning: str,
+                     path: Path) -> None:
+    """A field's values against its entry in :data:`_CS_FIELDS`: an error names the first particle that is wrong."""
+    _, one, many = _CS_TYPES[type_]
+    expected = f"{one if shape == () else f'{shape[0]} {many}'}{' ' + bound if bound else ''} ({meaning})"
+    if type_ == "finite":
+        _finite(values, name, path, expected)
+    if type_ == "sign":
+        _first((values != 1) & (values != -1), values, name, path, expected)
+    if bound == "> 0":
+        _first(values <= 0, values, name, path, expected)
+    if bound == ">= 0" and values.dtype.kind != "u":
+        _first(values < 0, values, name, path, expected)
+
+
+def _decoded(values: np.ndarray, name: str, path: Path) -> pd.Categorical:
     """A fixed-width bytes field as a Categorical of its distinct values decoded from UTF-8, a
-    million rows at a time (no Python object per row)."""
+    million rows at a time (no Python object per row), or an error naming the first particle whose
+    bytes are not UTF-8."""
     index: dict = {}
     codes = np.empty(len(values), dtype=np.int32)
     for a in range(0, len(values), 1_000_000):
         part, uniques = pd.factorize(values[a:a + 1_000_000].astype(object))
         mapping = np.array([index.setdefault(u, len(index)) for u in uniques.tolist()], dtype=np.int32)
         codes[a:a + len(part)] = mapping[part]
-    categories = [u.decode("utf-8") for u in index]
+    categories = []
+    for u in index:  # in the order of their first particle
+        try:
+            categories.append(u.decode("utf-8"))
+        except UnicodeDecodeError:
+            meaning = f" ({_CS_FIELDS[name][3]})" if name in _CS_FIELDS else ""
+            _first(values == u, values, name, path, f"UTF-8 text{meaning}")
     return pd.Categorical.from_codes(codes, categories=pd.Index(categories, dtype=object))
 
 

@@ -298,3 +298,147 @@ def test_star_30_pixel_size_inputs_name_their_particle(tmp_path, capsys, col, va
     path = tmp_path / "particles.star"
     path.write_text(head + "\n".join(lines) + "\n")
     assert check(path, capsys=capsys) == f"{path}, line {head.count(chr(10)) + 2}, particle 2: {expected}"
+
+
+F4 = np.float32
+A3D = {"alignments3D__shift": np.zeros((4, 2), F4), "alignments3D__psize_A": np.full(4, 1.5, F4),
+       "alignments3D__pose": np.zeros((4, 3), F4), "alignments3D__class": np.zeros(4, np.uint32)}
+
+
+def four(values, k, value, dtype=None):
+    """``values`` with the one at row ``k`` replaced."""
+    out = list(values)
+    out[k] = value
+    return np.array(out, dtype=dtype)
+
+
+@pytest.mark.parametrize("change,particle,message", [
+    # the three of the issue
+    ({"blob__path": four([b"s.mrcs"] * 4, 2, b"\xffs.mrcs")}, 3,
+     r"blob/path is b'\xffs.mrcs'; expected UTF-8 text (the stack path)"),
+    ({"blob__shape": np.full(4, 16, np.uint32)}, None,
+     "field blob/shape has shape () per particle; expected shape (2,) per particle (the image size ny, nx in pixels)"),
+    ({"ctf__df1_A": np.array([b"1.5", b"2", b"x", b"3"])}, 3, "ctf/df1_A is b'x'; expected a finite number (defocus U in Å)"),
+    # non-UTF-8: the first particle of the first bad value, in any text field read
+    ({"blob__path": np.array([b"s.mrcs", b"\xfes.mrcs", b"\xffs.mrcs", b"\xfes.mrcs"])}, 2,
+     r"blob/path is b'\xfes.mrcs'; expected UTF-8 text (the stack path)"),
+    ({"location__micrograph_path": four([b"m.mrc"] * 4, 3, b"m\xe9.mrc")}, 4,
+     r"location/micrograph_path is b'm\xe9.mrc'; expected UTF-8 text (the micrograph path)"),
+    ({"ctf__type": four([b"imported"] * 4, 1, b"\x80")}, 2, r"ctf/type is b'\x80'; expected UTF-8 text"),
+    # types
+    ({"ctf__df1_A": np.array([b"1.5", b"2", b"3", b"4"])}, None,
+     "field ctf/df1_A holds |S3; expected finite numbers (defocus U in Å)"),
+    ({"uid": np.arange(4, dtype=np.float64)}, None, "field uid holds float64; expected integers (the particle's unique id)"),
+    ({"blob__shape": np.full((4, 2), 16, np.float32)}, None,
+     "field blob/shape holds float32; expected integers (the image size ny, nx in pixels)"),
+    ({"ctf__exp_group_id": np.zeros(4, np.float32)}, None,
+     "field ctf/exp_group_id holds float32; expected integers (the 0-based exposure group)"),
+    ({"alignments3D__class": np.zeros(4, np.float32)} | {k: v for k, v in A3D.items() if k != "alignments3D__class"},
+     None, "field alignments3D/class holds float32; expected integers (the 0-based class)"),
+    ({"mscope_params__total_dose_e_per_A2": np.array([b"50", b"50", b"50", b"lots"])}, 4,
+     "mscope_params/total_dose_e_per_A2 is b'lots'; expected a number (the total dose in e/Å²)"),
+    # shapes
+    ({"ctf__df2_A": np.zeros((4, 2), F4)}, None,
+     "field ctf/df2_A has shape (2,) per particle; expected one value per particle (defocus V in Å)"),
+    (A3D | {"alignments3D__pose": np.zeros(4, F4)}, None, "field alignments3D/pose has shape () per particle; "
+     "expected shape (3,) per particle (the rotation as an axis-angle vector in radians)"),
+    ({"alignments2D__shift": np.zeros((4, 2), F4), "alignments2D__pose": np.zeros((4, 3), F4)}, None,
+     "field alignments2D/pose has shape (3,) per particle; expected one value per particle (the in-plane rotation "
+     "in radians)"),
+    ({"location__micrograph_shape": np.full(4, 4096, np.uint32)}, None, "field location/micrograph_shape has shape () "
+     "per particle; expected shape (2,) per particle (the micrograph size ny, nx in pixels)"),
+    ({"extra__matrix": np.zeros((4, 2, 2), F4)}, None,
+     "field extra/matrix has shape (2, 2) per particle; expected a value or a vector per particle"),
+    # ranges
+    ({"uid": np.array([1, 2, -3, 4])}, 3, "uid is -3; expected an integer >= 0 (the particle's unique id)"),
+    ({"blob__shape": four(np.full((4, 2), 16), 1, (16, 0), np.uint32)}, 2,
+     "blob/shape is (16, 0); expected 2 integers > 0 (the image size ny, nx in pixels)"),
+    ({"blob__shape": four(np.full((4, 2), 16), 1, (16, 18), np.uint32)}, 2,
+     "blob/shape is (16, 18); expected a square image (ny = nx)"),
+    ({"blob__psize_A": four(np.full(4, 1.5), 3, np.nan, F4)}, 4,
+     "blob/psize_A is nan; expected a finite number (the pixel size in Å)"),
+    ({"blob__sign": np.array([0, -1, -1, -1], F4)}, 1, "blob/sign is 0.0; expected +1 or -1 (the data sign)"),
+    ({"ctf__accel_kv": four(np.full(4, 300), 2, np.inf, F4)}, 3,
+     "ctf/accel_kv is inf; expected a finite number (the voltage in kV)"),
+    ({"ctf__phase_shift_rad": four(np.zeros(4), 1, -np.inf, F4)}, 2,
+     "ctf/phase_shift_rad is -inf; expected a finite number (the phase shift in radians)"),
+    ({"ctf__exp_group_id": np.array([0, 0, 1, -1], np.int32)}, 4,
+     "ctf/exp_group_id is -1; expected an integer >= 0 (the 0-based exposure group)"),
+    ({"location__micrograph_shape": four(np.full((4, 2), 4096), 2, (0, 4096), np.uint32),
+      "location__center_x_frac": np.full(4, 0.5, F4), "location__center_y_frac": np.full(4, 0.5, F4)}, 3,
+     "location/micrograph_shape is (0, 4096); expected 2 integers > 0 (the micrograph size ny, nx in pixels)"),
+    ({"location__micrograph_shape": np.full((4, 2), 4096, np.uint32),
+      "location__center_x_frac": np.full(4, 0.5, F4), "location__center_y_frac": four(np.full(4, 0.5), 0, np.nan, F4)},
+     1, "location/center_y_frac is nan; expected a finite number (y as a fraction of the micrograph height)"),
+    (A3D | {"alignments3D__shift": four(np.zeros((4, 2)), 1, (np.nan, 1.0), F4)}, 2,
+     "alignments3D/shift is (nan, 1.0); expected 2 finite numbers (the shift x, y in pixels)"),
+    (A3D | {"alignments3D__psize_A": four(np.full(4, 1.5), 2, 0, F4)}, 3,
+     "alignments3D/psize_A is 0.0; expected a finite number > 0 (the pixel size of the shift in Å)"),
+    (A3D | {"alignments3D__pose": four(np.zeros((4, 3)), 3, (0, np.inf, 0), F4)}, 4,
+     "alignments3D/pose is (0.0, inf, 0.0); expected 3 finite numbers (the rotation as an axis-angle vector in "
+     "radians)"),
+    (A3D | {"alignments3D__class": np.array([0, -2, 0, 0], np.int64)}, 2,
+     "alignments3D/class is -2; expected an integer >= 0 (the 0-based class)"),
+    ({k: v for k, v in A3D.items() if k != "alignments3D__psize_A"} | {"blob__psize_A": None}, None, "field alignments3D/shift is given without "
+     "alignments3D/psize_A or blob/psize_A; expected one of them (the pixel size of the shift)"),
+])
+def test_cs_fields_checked_before_use(tmp_path, capsys, change, particle, message):
+    path = cs_file(tmp_path, **change)
+    where = f"{path}, particle {particle}" if particle else str(path)
+    assert check(path, capsys=capsys) == f"{where}: {message}"
+
+
+def test_cs_alignments_not_read_are_not_checked(tmp_path):
+    """A .cs with 3D and 2D alignments is read from the 3D ones; the 2D ones are kept as they are."""
+    path = cs_file(tmp_path, **A3D, alignments2D__shift=np.full((4, 2), np.nan, F4),
+                   alignments2D__pose=np.zeros((4, 3), F4))
+    ds = dparticles.open_particles(path)
+    assert ds.attrs["pose"] == "3d" and np.isnan(ds["cs:alignments2D.shift[0]"].values).all()
+
+
+def test_cs_of_several_dimensions(tmp_path, capsys):
+    path = tmp_path / "particles.cs"
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((2, 2), dtype=[("uid", np.uint64)]))
+    assert check(path, capsys=capsys) == (f"{path}: not a CryoSPARC dataset: the array has shape (2, 2); expected "
+                                          "one row per particle (a one-dimensional array)")
+
+
+def test_cs_bad_value_found_past_the_first_block(tmp_path):
+    """Values are checked a block of rows at a time: a particle in a later block is named as itself."""
+    n = 60_000  # rows of 40 bytes: three blocks of 2**20 bytes
+    make_stack(tmp_path / "s.mrcs", 1)
+    data = np.zeros(n, dtype=[("uid", np.uint64), ("blob/path", "S8"), ("blob/idx", np.uint32),
+                              ("blob/shape", np.uint32, (2,)), ("blob/psize_A", F4), ("ctf/df1_A", F4),
+                              ("ctf/df2_A", F4)])
+    data["uid"], data["blob/path"], data["blob/shape"], data["blob/psize_A"] = np.arange(n), b"s.mrcs", 16, 1.5
+    data["ctf/df1_A"][n - 2] = np.nan
+    data["ctf/df2_A"][n - 1] = np.nan
+    assert data.dtype.itemsize == 40
+    path = tmp_path / "particles.cs"
+    with open(path, "wb") as f:
+        np.save(f, data)
+    with pytest.raises(ParticleError) as info:
+        dparticles.open_particles(path, ignore_raw=True)
+    assert str(info.value) == f"{path}, particle {n - 1}: ctf/df1_A is nan; expected a finite number (defocus U in Å)"
+
+
+@pytest.mark.parametrize("kind", ["cs path", "cs shape", "cs ctf", "star"])
+def test_import_of_malformed_metadata_prints_one_line(tmp_path, capsys, kind):
+    """`dparticles import` stops before any output with the one line that names the file, field and row."""
+    if kind == "star":
+        lines = rows()
+        lines[2] = cells(lines[2], 5, "abc")
+        path = star(tmp_path, lines)
+    else:
+        change = {"cs path": {"blob__path": four([b"s.mrcs"] * 4, 2, b"\xffs.mrcs")},
+                  "cs shape": {"blob__shape": np.full(4, 16, np.uint32)},
+                  "cs ctf": {"ctf__df1_A": np.array([b"1.5", b"2", b"x", b"3"])}}[kind]
+        path = cs_file(tmp_path, **change)
+    with pytest.raises(ParticleError) as info:
+        dparticles.open_particles(path)
+    capsys.readouterr()
+    assert main(["import", str(path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(info.value) in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -23,6 +23,9 @@ def read_cs(path: str | os.PathLike) -> np.ndarray:
         raise ParticleError(f"could not read as a CryoSPARC .cs dataset ({exc})", path=path) from exc
     if not isinstance(data, np.ndarray) or data.dtype.names is None:
         raise ParticleError("not a CryoSPARC dataset: expected a numpy structured array", path=path)
+    if data.ndim != 1:
+        raise ParticleError(f"not a CryoSPARC dataset: the array has shape {data.shape}; expected one row per "
+                            "particle (a one-dimensional array)", path=path)
     return data
 
 
