@@ -53,6 +53,9 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-workers", type=int, help="workers of the local cluster")
     g.add_argument("--threads-per-worker", type=int, help="threads per local worker")
     g.add_argument("--memory-limit", help="memory limit per local worker, e.g. 4GB")
+    g.add_argument("--processes", action="store_true", default=None,
+                   help="run the local workers as processes (each under a nanny that restarts it beyond "
+                        "--memory-limit) instead of threads in this process (dparticles.cluster.processes)")
     g.add_argument("--jobqueue", choices=("slurm", "pbs"),
                    help="submit worker jobs with dask-jobqueue (profile: jobqueue.slurm / jobqueue.pbs in the "
                         "dask config); pending jobs are reported with the batch system's reason")
@@ -76,7 +79,8 @@ def _open_kwargs(a: argparse.Namespace) -> dict:
 
 def _cluster_kwargs(a: argparse.Namespace) -> dict:
     return {k: getattr(a, k) for k in ("scheduler", "scheduler_file", "n_workers", "threads_per_worker",
-                                       "memory_limit", "jobqueue", "jobs") if getattr(a, k, None) is not None}
+                                       "memory_limit", "processes", "jobqueue", "jobs")
+            if getattr(a, k, None) is not None}
 
 
 def parser() -> argparse.ArgumentParser:

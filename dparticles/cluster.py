@@ -15,11 +15,11 @@ import logging
 import os
 import signal
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -89,46 +89,24 @@ def _local_cluster_size(n_workers: int | None, threads_per_worker: int | None,
     return int(n), threads, mem
 
 
-def _port_is_free(host: str, port: int) -> bool:
-    """Whether ``host:port`` can be bound now (with SO_REUSEADDR, as tornado binds)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(host: str) -> int:
-    """A port the kernel considers free on ``host`` right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _dashboard_address(host: str) -> str | None:
-    """Configured dashboard address, bound to ``host`` when it names only a port.
-
-    distributed reads ``":8787"`` as all interfaces; we never want that implicitly. When the
-    configured port is taken, another free port on the same host is chosen here, so
-    distributed does not warn about it (the URL is logged either way).
-    """
+    """Configured dashboard address, bound to ``host`` when it names only a port (distributed reads
+    ``":8787"`` as all interfaces; we never want that implicitly). The port is not probed here:
+    distributed binds it, and takes another free one if it is busy (see :func:`_port_fallback_quiet`)."""
     addr = config.get("cluster.dashboard-address")
     if addr is None:
         return None
     addr = str(addr)
-    if addr.startswith(":"):
-        addr = f"{unparse_host_port(host)}{addr}"
-    try:
-        dash_host, port = parse_host_port(addr)
-    except ValueError:
-        return addr                                  # let distributed judge what it does not parse
-    if port and not _port_is_free(dash_host, port):
-        port = _free_port(dash_host)
-    return unparse_host_port(dash_host, port)
+    return f"{unparse_host_port(host)}{addr}" if addr.startswith(":") else addr
+
+
+@contextlib.contextmanager
+def _port_fallback_quiet() -> Iterator[None]:
+    """distributed binds the dashboard's port itself and, when it is busy (another job's), binds a
+    free one instead and warns: the bind cannot race, and the URL is logged, so the warning goes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
+        yield
 
 
 def _connect_timeout(override: float | str | None) -> float:
@@ -506,7 +484,8 @@ def _jobqueue_cluster(kind: str, options: dict[str, Any], security: Any, failure
         opts["security"] = security
     opts["job_cls"] = _recording_job_class(cls.job_cls, failures)
     try:
-        return cls(**opts)
+        with _port_fallback_quiet():
+            return cls(**opts)
     except (TypeError, ValueError) as exc:
         raise ParticleError(f"bad jobqueue.{kind} settings: {_one_line(exc).split('; job_kwargs=')[0]}") from None
 
@@ -600,7 +579,7 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 @contextlib.contextmanager
 def cluster_client(scheduler: str | None = None, scheduler_file: str | None = None, *,
                    n_workers: int | None = None, threads_per_worker: int | None = None,
-                   memory_limit: str | None = None, security: Any = None,
+                   memory_limit: str | None = None, processes: bool | None = None, security: Any = None,
                    connect_timeout: float | str | None = None,
                    jobqueue: str | None = None, jobs: int | None = None,
                    log: Log = print, **jobqueue_options: Any) -> Iterator[distributed.Client]:
@@ -622,16 +601,23 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
       or no worker within ``dparticles.cluster.start-timeout`` is a one-line ParticleError. The
       cluster is closed at exit, which cancels every job it submitted.
     - Otherwise an active ``distributed.Client`` (a notebook's) is reused and left open.
-    - Otherwise an embedded ``LocalCluster(processes=True)`` sized to the machine is started
-      on ``cluster.host`` (127.0.0.1 by default, dashboard too), its dashboard URL is logged,
-      and it is closed at exit. Its scheduler, nannies and workers speak TLS with a key and
-      certificate made for this run and held only in memory (``Security.temporary()``), so
-      no other account on the machine can connect to them; the dashboard is plain HTTP.
+    - Otherwise an embedded ``LocalCluster`` sized to the machine is started, its dashboard URL
+      logged, and it is closed at exit. By default (``processes`` False, ``dparticles.cluster.processes``)
+      its scheduler and workers run in this process, on threads (the kernels release the GIL:
+      ducc0's FFTs, ``copy_file_range``, numpy copies), talking ``inproc://``: nothing listens but
+      the dashboard on ``cluster.host`` (127.0.0.1), nothing is spawned, so a plain script needs
+      no ``if __name__ == "__main__"`` guard and a small job starts in a fraction of a second;
+      no memory limit applies unless ``memory_limit`` is given (the tasks are sized to
+      ``dparticles.memory-budget``). With ``processes`` True, workers are processes under
+      nannies (which restart one beyond its ``memory_limit``), listening on ``cluster.host``,
+      and scheduler, nannies and workers speak TLS with a key and certificate made for this run
+      and held only in memory (``Security.temporary()``), so no other account on the machine can
+      connect to them. The dashboard is plain HTTP.
 
     ``security`` (a ``distributed.security.Security``) is needed for ``tls://`` schedulers;
     left as None, distributed's own ``distributed.comm.tls`` config applies. Given for an
-    embedded cluster, it replaces the temporary credentials. The sizing keywords only apply
-    to an embedded cluster, but are checked first in every case.
+    embedded cluster of processes, it replaces the temporary credentials. The sizing keywords
+    only apply to an embedded cluster, but are checked first in every case.
     """
     n_workers, threads_per_worker, memory_limit = _cluster_settings(n_workers, threads_per_worker, memory_limit)
     kind, n_jobs = _jobqueue_settings(jobqueue, jobs, jobqueue_options)
@@ -667,25 +653,36 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
         log(f"Using the active Dask client {active.scheduler.address}")
         yield active
         return
+    processes = bool(config.get("cluster.processes", processes))
     n, threads, mem = _local_cluster_size(n_workers, threads_per_worker, memory_limit)
     host = str(config.get("cluster.host"))
-    sec = security if security is not None else Security.temporary()
+    if processes:
+        where = {"processes": True, "host": host, "security": security if security is not None else Security.temporary()}
+    else:  # in this process: inproc:// needs no credentials; a limit only if one is asked for. Each
+        # worker keeps an HTTP server (health, metrics) that distributed always starts: on loopback
+        where = {"processes": False, "worker_dashboard_address": f"{unparse_host_port(host)}:0"}
+        mem = 0 if mem == "auto" else mem
     # workers log a failed task with its traceback; the job reports the error once, clearly
     with contextlib.ExitStack() as stack:
         # the workers' statistical profiler (for the dashboard and report.html) samples every 10 ms
         # by default, which was measured to cost a worker 10-14% of its task time (4-8% with it off);
         # every 100 ms keeps a useful profile with a tenth of the samples. Workers take the config
         # they start with.
-        with _workers_ignore_ctrl_c(), dask.config.set({"distributed.worker.profile.interval": "100ms"}):
+        with _workers_ignore_ctrl_c() if processes else contextlib.nullcontext(), _port_fallback_quiet(), \
+                dask.config.set({"distributed.worker.profile.interval": "100ms"}):
             cluster = stack.enter_context(distributed.LocalCluster(
-                n_workers=n, threads_per_worker=threads, memory_limit=mem, processes=True, host=host,
-                dashboard_address=_dashboard_address(host), silence_logs=logging.CRITICAL, security=sec))
-        client = stack.enter_context(distributed.Client(cluster, security=sec, set_as_default=False))
+                n_workers=n, threads_per_worker=threads, memory_limit=mem, dashboard_address=_dashboard_address(host),
+                silence_logs=logging.CRITICAL, **where))
+        if not processes:  # inproc:// addresses name the machine's IP, not the loopback the dashboard is on
+            link = str(dask.config.get("distributed.dashboard.link"))
+            stack.enter_context(dask.config.set({"distributed.dashboard.link": link.replace("{host}", host)}))
+        client = stack.enter_context(distributed.Client(cluster, security=where.get("security"), set_as_default=False))
         stack.enter_context(client.as_current())
         limits = {w.get("memory_limit") for w in cluster.scheduler_info.get("workers", {}).values()}
-        mem_text = ", ".join(format_bytes(m) if m else "no limit" for m in limits) or str(mem)
-        log(f"Started a local Dask cluster: {n} worker{'s' * (n != 1)} x {threads} thread{'s' * (threads != 1)}, "
-            f"{mem_text} memory each; "
+        mem_text = ", ".join(f"{format_bytes(m)} memory" if m else "no memory limit" for m in limits) or str(mem)
+        kind = "a local Dask cluster" if processes else "an in-process Dask cluster"
+        log(f"Started {kind}: {n} worker{'s' * (n != 1)} x {threads} thread{'s' * (threads != 1)}, "
+            f"{mem_text} each; "
             f"dashboard: {cluster.dashboard_link or 'off'}")
         yield client
 
@@ -702,7 +699,8 @@ class RunSummary:
     since the worker started. Where ``/proc`` is unavailable (macOS) it falls back to
     ``sampled_peak_rss_bytes`` and ``peak_worker_memory_sampled`` is True.
     ``sampled_peak_rss_bytes`` is the largest worker RSS seen in the scheduler's heartbeats,
-    sampled at each progress tick during the run (it can miss short spikes).
+    sampled at each progress tick during the run (it can miss short spikes). ``in_process``: the
+    workers are threads of the calling process, whose peak (the client's included) this then is.
     """
 
     label: str
@@ -713,6 +711,7 @@ class RunSummary:
     sampled_peak_rss_bytes: int | None
     nbytes: int | None = None
     peak_worker_memory_sampled: bool = False
+    in_process: bool = False
 
     def __str__(self) -> str:
         tasks = "1 task" if self.n_tasks == 1 else f"{self.n_tasks} tasks"
@@ -722,7 +721,8 @@ class RunSummary:
             text += f", {format_bytes(self.nbytes)} written ({format_bytes(int(self.nbytes / max(self.seconds, 1e-9)))}/s)"
         if self.peak_worker_memory_bytes is not None:
             how = " (sampled)" if self.peak_worker_memory_sampled else ""
-            text += f"; at most {format_bytes(self.peak_worker_memory_bytes)} of memory per worker{how}"
+            where = "in this process" if self.in_process else "per worker"
+            text += f"; at most {format_bytes(self.peak_worker_memory_bytes)} of memory {where}{how}"
         return text + "."
 
 
@@ -867,6 +867,7 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
     sampled = not peaks and bool(peak_sampled)
     summary = RunSummary(label, n, seconds, max(n_workers, len(reported)),
                          max(peaks, default=None) or (peak_sampled or None), peak_sampled or None, nbytes,
-                         peak_worker_memory_sampled=sampled)
+                         peak_worker_memory_sampled=sampled,
+                         in_process=set(client.run(os.getpid, on_error="return").values()) == {os.getpid()})
     log(str(summary))
     return results, summary

@@ -42,6 +42,11 @@ def listening_hosts(proc: psutil.Process) -> set[str]:
     return {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
 
 
+def listening_ports(proc: psutil.Process) -> set[int]:
+    """TCP ports on which a process listens."""
+    return {c.laddr.port for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+
+
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory):
     """A 2-worker LocalCluster on 127.0.0.1 that writes a scheduler file, as an HPC scheduler would."""
@@ -86,25 +91,34 @@ def test_deploy_jobqueue_profiles_make_job_scripts():
 
 # --- cluster_client --------------------------------------------------------------------------
 
-def test_embedded_cluster_listens_on_loopback_only_and_is_closed():
+@pytest.mark.parametrize("processes", [False, True])
+def test_embedded_cluster_listens_on_loopback_only_and_is_closed(processes):
+    """In-process (the default): scheduler and workers talk inproc://, in this process, and only
+    HTTP servers listen, on loopback. Processes: TLS on loopback with credentials of the run."""
     messages: list[str] = []
+    before = listening_ports(psutil.Process())
     with dask.config.set({"dparticles.cluster.dashboard-address": ":0"}):     # port only: host is added
-        with cluster_client(n_workers=1, threads_per_worker=1, log=messages.append) as client:
+        with cluster_client(n_workers=1, threads_per_worker=1, processes=processes, log=messages.append) as client:
             cluster = client.cluster
-            assert client.scheduler.address.startswith("tls://127.0.0.1:")        # per-run credentials
+            scheme = "tls://127.0.0.1:" if processes else "inproc://"  # per-run credentials, or no network
+            assert client.scheduler.address.startswith(scheme)
             workers = client.scheduler_info()["workers"]
-            assert len(workers) == 1 and all(a.startswith("tls://127.0.0.1:") for a in workers)
+            assert len(workers) == 1 and all(a.startswith(scheme) for a in workers)
             link = urlparse(client.dashboard_link)
             assert link.hostname == "127.0.0.1" and link.port
             assert any(client.dashboard_link in m for m in messages), messages
+            assert ("in-process" in messages[0]) != processes, messages
             # every listening socket, of the scheduler (this process) and of the worker processes
-            procs = [psutil.Process()] + [psutil.Process(p) for p in client.run(os.getpid).values()]
+            pids = set(client.run(os.getpid).values())
+            assert (pids == {os.getpid()}) != processes, pids
+            procs = [psutil.Process()] + [psutil.Process(p) for p in pids - {os.getpid()}]
             hosts = set().union(*(listening_hosts(p) for p in procs))
             assert hosts == {"127.0.0.1"}, hosts
-            sched_port = int(client.scheduler.address.rsplit(":", 1)[1])
+            ports = listening_ports(psutil.Process()) - before
+            if not processes:  # the dashboard and the worker's HTTP server (health, metrics), nothing else
+                assert len(ports) == 2 and link.port in ports, ports
     assert client.status == "closed" and cluster.status.name == "closed"
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", sched_port), timeout=2).close()
+    assert not listening_ports(psutil.Process()) - before
 
 
 def test_explicit_address_and_scheduler_file_are_used_and_left_running(shared_cluster):
@@ -280,7 +294,7 @@ def test_worker_memory_is_the_workers_own_not_the_parents():
     big = np.ones(2 * 2**30 // 8)                      # 2 GiB, touched, held while the cluster starts
     assert psutil.Process().memory_info().rss > 2 * 2**30
     log: list[str] = []
-    with cluster_client(n_workers=2, threads_per_worker=1, log=log.append) as client:
+    with cluster_client(n_workers=2, threads_per_worker=1, processes=True, log=log.append) as client:
         results, summary = run_tasks(client, sum, [(range(i, i + 1000),) for i in range(8)], label="small",
                                      log=log.append)
     assert results == [expected_sum(i, 1000) for i in range(8)]

@@ -37,7 +37,7 @@ def sets(tmp_path_factory):
     log: list[str] = []
     rs = dparticles.restack(small, root / "ref-restack", cluster={"n_workers": 2}, log=log.append, **RESTACK)
     ds = dparticles.downsample(big, root / "ref-downsample", cluster={"n_workers": 2}, log=log.append, **DOWNSAMPLE)
-    assert sum("Started a local Dask cluster: 2 workers" in m for m in log) == 2, log
+    assert sum("Started an in-process Dask cluster: 2 workers" in m for m in log) == 2, log
     assert rs.n_files == 480 and [r.n_files for r in ds] == [115, 115]
     return {"small": small, "big": big, "root": root, "ref-restack": root / "ref-restack",
             "ref-downsample": root / "ref-downsample"}
@@ -114,10 +114,12 @@ def test_output_is_the_same_whichever_cluster_ran_it(job, sets, tmp_path):
             assert any("Using the active Dask client" in m for m in log), log
             assert_same_output(tmp_path / "active", ref)
         assert cluster.status.name == "running"                        # a scheduler we were given is left running
-    log = []
-    run(job, sets, tmp_path / "one", cluster={"n_workers": 1}, log=log.append)
-    assert any("Started a local Dask cluster: 1 worker x" in m for m in log), log
-    assert_same_output(tmp_path / "one", ref)
+    for processes, started in ((False, "an in-process Dask cluster"), (True, "a local Dask cluster")):
+        log = []
+        run(job, sets, tmp_path / f"one-{processes}", cluster={"n_workers": 1, "processes": processes},
+            log=log.append)
+        assert any(f"Started {started}: 1 worker x" in m for m in log), log
+        assert_same_output(tmp_path / f"one-{processes}", ref)
 
 
 def _hungry(block, bytes_needed: int, from_particle: int, block_info=None):

@@ -170,7 +170,7 @@ def _addresses(client) -> list[str]:
 def test_other_account_cannot_connect_to_the_embedded_cluster(as_other_user):
     log: list[str] = []
     with dask.config.set({"dparticles.cluster.dashboard-address": "127.0.0.1:0"}), \
-            cluster_client(n_workers=1, threads_per_worker=1, log=log.append) as client:
+            cluster_client(n_workers=1, threads_per_worker=1, processes=True, log=log.append) as client:
         scheduler = client.scheduler.address
         assert scheduler.startswith("tls://127.0.0.1:"), scheduler
         others = _addresses(client)

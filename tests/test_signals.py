@@ -21,10 +21,12 @@ def _cli(args: list, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **kw)
 
 
+@pytest.mark.parametrize("mode", ["in-process", "processes"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_the_run_in_one_line_and_the_rerun_finishes(tmp_path, sig):
+def test_a_signal_stops_the_run_in_one_line_and_the_rerun_finishes(tmp_path, sig, mode):
     star = shuffled_set(tmp_path / "src", n_stacks=12, per_stack=200, box=128)
-    args = ["downsample", star, "--fourier-box", "64", "--batch-size", "40", "--n-workers", "2"]
+    args = ["downsample", star, "--fourier-box", "64", "--batch-size", "40", "--n-workers", "2",
+            *(["--processes"] if mode == "processes" else [])]
     proc = _cli(args + ["--out", tmp_path / "out"])
     stacks, deadline = tmp_path / "out" / "stacks", time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline and not \

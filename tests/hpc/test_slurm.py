@@ -35,7 +35,7 @@ def local(slurm_available, tmp_path_factory):
     log: list[str] = []
     dparticles.restack(small, root / "ref-restack", cluster={"n_workers": 2}, log=log.append, **RESTACK)
     dparticles.downsample(big, root / "ref-downsample", cluster={"n_workers": 2}, log=log.append, **DOWNSAMPLE)
-    assert sum("Started a local Dask cluster: 2 workers" in m for m in log) == 2, log
+    assert sum("Started an in-process Dask cluster: 2 workers" in m for m in log) == 2, log
     return {"small": small, "big": big, "ref-restack": root / "ref-restack", "ref-downsample": root / "ref-downsample"}
 
 
