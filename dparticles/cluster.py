@@ -762,8 +762,7 @@ def run_tasks(client: distributed.Client, func: Callable[..., Any], args_list: l
     Keys are deterministic (``f"{label}-{i}-{token}"``, token from func and all arguments),
     so a task whose result is still held on the cluster is not run twice. If a worker dies,
     the scheduler runs its tasks again elsewhere, so ``func`` must be an idempotent writer.
-    Progress shows as a live bar on a terminal, otherwise as a log line every
-    ``progress-interval`` seconds. On an error the remaining tasks are cancelled and the
+    Progress shows as :func:`watch` shows it. On an error the remaining tasks are cancelled and the
     task's exception is raised. ``nbytes`` (data volume) only feeds the summary.
     """
     n = len(args_list)
@@ -801,6 +800,13 @@ def _progress_bar(label: str, n: int, nbytes: int | None):
     return tqdm(total=nbytes or n, desc=label, file=sys.stderr, leave=True, dynamic_ncols=True, **unit)
 
 
+def _progress_line(label: str, done: int, n: int, seconds: float, nbytes: int | None) -> str:
+    """``restack: 40% (8/20 tasks) in 12 s, 85.3 MiB/s, about 18 s left`` for a log."""
+    rate = f", {format_bytes(int(nbytes * done / n / seconds))}/s" if nbytes and seconds > 0 else ""
+    return (f"{label}: {100 * done // n}% ({done}/{n} tasks) in {seconds:.0f} s{rate}, "
+            f"about {seconds * (n - done) / done:.0f} s left")
+
+
 def reset_worker_peaks(client: distributed.Client) -> None:
     """Start every worker's peak-memory count afresh; call it before submitting a run's tasks."""
     client.run(_reset_peak_memory, on_error="return")
@@ -812,8 +818,9 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
     """Wait for ``futures`` showing progress, then gather their results (in order) and summarise.
 
     Progress shows as a live bar (tqdm: bytes/s and time left) on a terminal or in Jupyter (a
-    widget where ipywidgets is installed), otherwise as a log line every ``progress-interval``
-    seconds. On an error the remaining futures are cancelled and the task's exception is
+    widget where ipywidgets is installed: the notebooks extra); elsewhere (a batch log) as a line
+    at each further tenth of the tasks done, with the rate and the time left, at most one every
+    ``progress-interval`` seconds, so that a small job logs only its summary. On an error the remaining futures are cancelled and the task's exception is
     raised; so they are on an interrupt. A task that runs out of memory (``MemoryError``) or whose
     worker dies each time it runs it (``KilledWorker``) ends the run in one ParticleError naming it
     (``name_task(key)``: which particles, say) and what to change.
@@ -828,7 +835,7 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
     if not peaks_reset:
         reset_worker_peaks(client)
     t0 = time.monotonic()
-    peak_sampled, n_workers, last_line, last_sample, done = 0, 0, t0, -1.0, 0
+    peak_sampled, n_workers, last_line, last_sample, done, last_step = 0, 0, t0, -1.0, 0, 0
     finished = distributed.as_completed(futures)
     bar = _progress_bar(label, n, nbytes)
     try:
@@ -844,10 +851,9 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
                 peak_sampled, last_sample = max(peak_sampled, rss), now
             if done == n or any(f.status == "error" for f in batch):
                 break
-            if bar is None and now - last_line >= interval:
-                left = (now - t0) * (n - done) / done if done else float("nan")
-                log(f"{label}: {done}/{n} tasks done in {now - t0:.0f} s, about {left:.0f} s left")
-                last_line = now
+            if bar is None and done * 10 // n > last_step and now - last_line >= interval:
+                log(_progress_line(label, done, n, now - t0, nbytes))
+                last_line, last_step = now, done * 10 // n
             if not batch:
                 time.sleep(min(0.1, interval) if interval > 0 else 0.05)
         results = client.gather(futures)

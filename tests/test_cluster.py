@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 import signal
 import socket
 import ssl
@@ -271,7 +272,12 @@ def test_run_tasks_results_in_order_with_summary_and_progress_lines(shared_clust
         assert summary.seconds > 0 and summary.peak_worker_memory_bytes > 10**7
         assert summary.sampled_peak_rss_bytes > 10**7
         assert str(summary) == log[-1] and str(summary).startswith("sums: 16 tasks in ")
-        assert any("/16 tasks done" in m for m in log[:-1]), log          # not a TTY: progress lines
+        # not a TTY: a line at each further tenth done, with rate and time left, not a bar
+        lines = log[:-1]
+        assert 1 <= len(lines) <= 10 and all(re.fullmatch(r"sums: \d+% \(\d+/16 tasks\) in \d+ s, [\d.]+ [KMG]iB/s, "
+                                                         r"about \d+ s left", m) for m in lines), lines
+        steps = [int(m.split()[1].rstrip("%")) // 10 for m in lines]
+        assert steps == sorted(set(steps)), lines
         # deterministic keys: the same call again finds the same tasks
         again, _ = run_tasks(client, sum, args, label="sums", log=lambda m: None)
         assert again == results
