@@ -36,6 +36,11 @@ def test_quickstart_runs_and_shows_figures(tmp_path: Path) -> None:
     with_png = [c for c in code if any("image/png" in o.get("data", {}) for o in c.outputs)]
     assert len(with_png) >= 2, f"{len(with_png)} cells have image/png outputs; expected the figures to display"
 
+    widgets = [o for c in code for o in c.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert widgets, "the jobs' progress shows as a widget (tqdm with ipywidgets), not as stderr text"
+    bars = [o for c in code for o in c.outputs if o.get("name") == "stderr" and "100%|" in o.get("text", "")]
+    assert not bars, bars
+
     checks = [c for c in code if MARKER in c.source]
     assert len(checks) == 1, f"expected one cell marked {MARKER!r}, found {len(checks)}"
     shown = [_text(o).strip() for o in checks[0].outputs]
