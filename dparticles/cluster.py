@@ -101,6 +101,18 @@ def _dashboard_address(host: str) -> str | None:
 
 
 @contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Only critical messages from logger ``name`` while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def _port_fallback_quiet() -> Iterator[None]:
     """distributed binds the dashboard's port itself and, when it is busy (another job's), binds a
     free one instead and warns: the bind cannot race, and the URL is logged, so the warning goes."""
@@ -662,8 +674,10 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
         # worker keeps an HTTP server (health, metrics) that distributed always starts: on loopback
         where = {"processes": False, "worker_dashboard_address": f"{unparse_host_port(host)}:0"}
         mem = 0 if mem == "auto" else mem
-    # workers log a failed task with its traceback; the job reports the error once, clearly
+    # workers log a failed task with its traceback, and in-process ones log their connections closing
+    # as the cluster closes; the job reports an error once, clearly, and nothing else
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_quiet_logger("distributed"))
         # the workers' statistical profiler (for the dashboard and report.html) samples every 10 ms
         # by default, which was measured to cost a worker 10-14% of its task time (4-8% with it off);
         # every 100 ms keeps a useful profile with a tenth of the samples. Workers take the config

@@ -4,7 +4,9 @@ worker process re-running the script, no dask warning."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -39,3 +41,29 @@ def test_the_readme_lines_run_as_a_plain_script(tmp_path: Path) -> None:
     assert star_images(script.parent / "Restack" / "job020" / "particles.star", script.parent).tobytes() == \
         images[(sel := np.asarray(open_particles(star).defocus_u) < 15000)].tobytes() and 0 < sel.sum() < len(images)
     assert (script.parent / "Downsample" / "job030" / "particles.star").is_file()
+
+
+def test_two_jobs_at_once_share_no_port_and_print_no_dask_warning(tmp_path: Path) -> None:
+    """Two terminals in one project: both ask for the dashboard's port 8787; distributed binds it for
+    one and a free port for the other, and neither prints distributed's warning about it."""
+    star, _ = simple_set(tmp_path / "project", n_stacks=3, per_stack=8, box=32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONWARNINGS")}
+    with socket.socket() as first:  # a first job holds 8787 (unless something else already does)
+        with contextlib.suppress(OSError):
+            first.bind(("127.0.0.1", 8787))
+            first.listen()
+        outputs, runs = _two_jobs(star, tmp_path, env)
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    links = set()
+    for _, err in outputs:
+        assert "Warning" not in err and "already in use" not in err, err
+        links.update(line.rsplit("dashboard: ", 1)[1] for line in err.splitlines() if "dashboard: http" in line)
+    assert len(links) == 2 and not any(":8787/" in link for link in links), outputs
+    assert all(link.startswith("http://127.0.0.1:") for link in links), links
+
+
+def _two_jobs(star: Path, cwd: Path, env: dict) -> tuple[list, list]:
+    runs = [subprocess.Popen([sys.executable, "-m", "dparticles", "downsample", str(star), "--out", f"d{k}",
+                              "--fourier-box", "16"], cwd=cwd, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
+    return [run.communicate(timeout=120) for run in runs], runs
