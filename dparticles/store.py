@@ -36,7 +36,8 @@ from dparticles.output import hold_outputs, refuse_overlaps
 from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
 from dparticles.io.mrc import HEADER_BYTES, stack_header
 from dparticles.planning import byte_runs, chunk_bounds
-from dparticles.record import REPORT_FILE, command_line, inputs, now, write_run_record
+from dparticles.record import (REPORT_FILE, command_line, dask_report, inputs, now, outputs, phases, pixel_sizes,
+                               record_report, throughput, write_run_record)
 from dparticles.writer import (RECORDS, copy_segments, finish_file, record_path, verify_copy,
                                verify_record, write_segments)
 from dparticles.io.files import is_regular, read_json
@@ -141,7 +142,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         if config.get("report") and any(o is not None for o in outs) else None
     try:
         with cluster_client(**(cluster or {}), log=log) as client, \
-                _performance_report(report):
+                dask_report(report) as kept:
             where = {"scheduler": client.scheduler.address, "workers": len(client.scheduler_info().get("workers", {})),
                      "dashboard": client.dashboard_link}
             _keep_verified([p for p in plans if p is not None], client)
@@ -179,25 +180,21 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         result = StoreResult(p.out, d.sizes["particle"], len(p.names), int(p.kept.sum()), summary, notes,
                              copied=p.copy is not None)
         reports.append(result)
-        write_run_record(p.out, {
+        given = inputs(d)
+        record = {
             "job": label, "command": command_line(), "version": __version__,
             "parameters": dict(parameters or {}, batch_size=batch_size, float16=float16, project_dir=project,
                                zarr=z),
-            "inputs": inputs(d), "started": started, "ended": now(),
+            "inputs": given, "started": started, "ended": now(),
             "seconds": round(time.monotonic() - t0, 3), "particles": result.n_particles, "files": result.n_files,
             "kept_files": result.kept_files, "pixels_copied_unchanged": result.copied, "box": d.sizes["x"],
+            **pixel_sizes(d, given.get("box"), (parameters or {}).get("crop_box")),
             "mode": p.dtype, "micrograph_pixel_size_from": d.attrs.get("micrograph_pixel_size_from"),
-            "notes": notes, "cluster": where, "summary": summary},
-            report=html)
+            "outputs": outputs(p.out, p.names), "phases": phases(t0, kept),
+            "throughput": throughput(result.n_particles, summary),
+            "notes": notes, "cluster": where, "summary": summary, "dask_report": kept["dask_report"]}
+        write_run_record(p.out, record, report=record_report(record, html))
     return reports[0] if single else reports
-
-
-def _performance_report(path: Path | None):
-    """dask's performance report of the run, written to ``path`` (nothing when None)."""
-    from contextlib import nullcontext
-
-    from distributed import performance_report
-    return nullcontext() if path is None else performance_report(filename=str(path))
 
 
 def _as_list(value, n: int, what: str) -> list:
