@@ -33,12 +33,17 @@ def get(key: str, override: Any = None) -> Any:
 
     ``override`` wins when it is not None (a keyword argument or command-line flag);
     otherwise the user's ``dparticles.<key>`` from dask.config, which falls back to
-    the packaged default. ``-`` and ``_`` are interchangeable in keys.
+    the packaged default (also when a ``dask.config.set`` that began before this module was
+    imported has removed it on exit). ``-`` and ``_`` are interchangeable in keys.
     """
     if override is not None:
         return override
     try:
         return dask.config.get(f"dparticles.{key}")
+    except KeyError:  # a dask.config.set made before this module merged its defaults took them away on exit
+        pass
+    try:
+        return dask.config.get(key, config=DEFAULTS["dparticles"])
     except KeyError:
         raise KeyError(f"unknown dparticles setting {key!r}; known: {', '.join(_keys(DEFAULTS['dparticles']))}") from None
 

@@ -80,8 +80,7 @@ def run_demo(out: str | Path, **cluster) -> None:
     print(f"\nresults in {out.resolve()}:\n  import/     linked stacks + particles.star/.cs\n"
           "  restack/    consolidated stacks of 100 particles + particles.star\n"
           "  downsample/ 48-px recentred, 8 Å lowpassed stacks + particles.star\n"
-          "each with job.json, note.txt and report.html (the run's record; for restack/ and downsample/,\n"
-          "report.html is the run's dask performance report)\n\n"
+          "each with job.json, note.txt and report.html (the run's record as a page that opens offline)\n\n"
           f"next: dparticles info {out / 'downsample'}\n"
           f"      dparticles downsample {out / 'restack'} --out {out / 'small'} --approx-pixel-size 4.5\n"
           "      or open notebooks/quickstart.ipynb for the Python API")

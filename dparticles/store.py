@@ -112,7 +112,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
     path when the output lies outside it. ``cluster`` holds :func:`dparticles.cluster.cluster_client` keywords.
     An existing output is replaced only with ``overwrite``, unless it is an interrupted run of the
     same data and arguments, which is resumed. Each folder gets a record of the run (``job.json``
-    with ``parameters`` and ``note.txt``) and the dask performance report (``report.html``).
+    with ``parameters`` and ``note.txt``) and ``report.html`` (see :mod:`dparticles.record`).
     """
     started, t0 = now(), time.monotonic()
     single = isinstance(ds, xr.Dataset)

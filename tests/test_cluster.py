@@ -13,6 +13,8 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -72,6 +74,20 @@ def test_config_tiers_keyword_beats_dask_config_beats_packaged_default():
     assert config.get("batch-size") == packaged["batch-size"]
     with pytest.raises(KeyError, match="batch-size"):
         config.get("no-such-key")
+
+
+def test_a_setting_made_before_the_package_is_imported_leaves_the_defaults_in_place():
+    """``dask.config.set`` restores the config it found on exit, which the defaults merged inside
+    the block were not part of: a script's next job must still find them."""
+    code = ("import dask.config\n"
+            "with dask.config.set({'dparticles.batch-size': 7}):\n"
+            "    from dparticles import config\n"
+            "    assert config.get('batch-size') == 7\n"
+            "print(config.get('batch-size'), config.get('cluster.threads_per_worker'))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    packaged = yaml.safe_load(config.DEFAULTS_FILE.read_text())["dparticles"]
+    assert done.stdout.split() == [str(packaged["batch-size"]), str(packaged["cluster"]["threads-per-worker"])], \
+        done.stderr
 
 
 def test_deploy_site_config_only_uses_known_keys():
