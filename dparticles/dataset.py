@@ -34,10 +34,10 @@ import pandas as pd
 import xarray as xr
 
 from dparticles.errors import ParticleError
-from dparticles.io.cs import read_cs
-from dparticles.io.star import read_star
+from dparticles.formats.cryosparc import from_cs, read_cs
+from dparticles.formats.relion import from_star, read_star
 from dparticles.io.zarr_cache import open_zarr
-from dparticles.metadata import POSE, UNITS, Table, assign, categorical, from_cs, from_star
+from dparticles.metadata import POSE, UNITS, Table, assign, categorical
 from dparticles.stack import check_indices, lazy_images, read_infos, resolve_stacks, search_roots
 
 CHUNK_BYTES = 64 * 2**20  # default dask chunk: a few tens of MB of images, whatever the box

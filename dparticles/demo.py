@@ -19,7 +19,7 @@ from dparticles.dataset import open_particles
 from dparticles.jobs.downsample import downsample
 from dparticles.jobs.importer import import_particles
 from dparticles.jobs.info import describe, format_text
-from dparticles.io.star import write_star
+from dparticles.formats.relion import write_star
 from dparticles.jobs.restack import restack
 
 PIXEL_SIZE = 1.5  # Å

@@ -32,9 +32,9 @@ import xarray as xr
 from dparticles.dataset import table
 from dparticles.errors import ParticleError
 from dparticles.io.files import TMP_MARK, is_regular, open_regular, private_dir, read_json
-from dparticles.io.cs import write_cs
-from dparticles.io.star import write_star
-from dparticles.metadata import assign, to_cs, to_star
+from dparticles.formats.cryosparc import to_cs, write_cs
+from dparticles.formats.relion import to_star, write_star
+from dparticles.metadata import assign
 
 RUN_MARKER = ".dparticles-run.json"  # the run record: this folder is a dparticles output, of this job and token
 LOCK = ".dparticles-lock"  # held (flock) by the run writing the folder; removed when it ends

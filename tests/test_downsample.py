@@ -24,8 +24,8 @@ from dparticles.cli import main
 from dparticles.dataset import open_particles
 from dparticles.jobs.downsample import downsample
 from dparticles.errors import ParticleError
-from dparticles.io.cs import write_cs
-from dparticles.metadata import logmap, matrix_from_euler
+from dparticles.formats.cryosparc import write_cs
+from dparticles.formats.cryosparc import logmap, matrix_from_euler
 
 RIBO = "relion31_sim_ribo70S_b128"
 SELECT = f"{RIBO}/Select/job010/particles.star"

@@ -18,9 +18,9 @@ from helpers import image_names, make_stack, optics_table, read_direct, simple_s
 
 from dparticles.dataset import open_particles, table
 from dparticles.errors import ParticleError
-from dparticles.io.cs import write_cs
+from dparticles.formats.cryosparc import write_cs
 from dparticles.io.mrc import stack_header
-from dparticles.metadata import euler_from_matrix, expmap, logmap, matrix_from_euler
+from dparticles.formats.cryosparc import euler_from_matrix, expmap, logmap, matrix_from_euler
 from dparticles.output import write_metadata
 
 SIM = "relion31_sim_ribo70S_b128"
@@ -329,7 +329,7 @@ def test_cs_prefix_indices_and_3d_alignments(tmp_path):
 
 def test_cs_pose_convention_in_plane():
     """A pose of +θ about z is RELION's rot + psi = θ (the convention of pyem and cryoDRGN)."""
-    from dparticles.metadata import from_cs
+    from dparticles.formats.cryosparc import from_cs
 
     data = np.zeros(1, dtype=[("uid", "<u8"), ("blob/psize_A", "<f4"), ("alignments3D/pose", "<f4", (3,)),
                               ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4")])
@@ -505,7 +505,7 @@ def test_fast_star_reader_matches_starfile(real, tmp_path):
     generated layouts (tabs, quotes, optics last, an unnamed block, a key-value block)."""
     import starfile
 
-    from dparticles.io.star import _read_fast
+    from dparticles.formats.relion import _read_fast
 
     as_string = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName"]
     simple_set(tmp_path / "gen", pixel_sizes=(1.0, 2.0))

@@ -18,7 +18,7 @@ import starfile
 from helpers import image_names, make_stack, optics_table, write_star
 
 from dparticles.dataset import open_particles, table
-from dparticles.io import star
+from dparticles.formats import relion as star
 from dparticles.io.mrc import stack_header
 from dparticles.jobs.info import describe
 from dparticles.output import write_metadata

@@ -19,8 +19,8 @@ from helpers import OPTICS_STAR as OPTICS, make_stack
 
 import dparticles
 from dparticles.errors import ParticleError
-from dparticles.io import star
-from dparticles.io.star import read_star, tokens, write_star
+from dparticles.formats import relion as star
+from dparticles.formats.relion import read_star, tokens, write_star
 
 HEAD = """
 # version 30001

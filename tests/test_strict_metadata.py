@@ -9,7 +9,7 @@ import pytest
 import dparticles
 from dparticles.cli import main
 from dparticles.errors import ParticleError
-from dparticles.io.star import read_star, write_star as write_blocks
+from dparticles.formats.relion import read_star, write_star as write_blocks
 from tests.helpers import OPTICS_ROW, OPTICS_STAR as OPTICS, make_stack
 
 HEAD = """

@@ -16,9 +16,9 @@ from dask.base import tokenize
 
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
-from dparticles.io.cs import import_signatures
+from dparticles.formats.cryosparc import import_signatures
 from dparticles.io.mrc import read_info
-from dparticles.io.star import read_star
+from dparticles.formats.relion import read_star
 from dparticles.metadata import floats
 from dparticles import __version__
 from dparticles.output import hold_outputs, prepare_output, project_path, write_metadata

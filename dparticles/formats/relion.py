@@ -52,6 +52,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from dparticles.errors import ParticleError
+from dparticles.metadata import (CANONICAL, FINITE_COLUMNS, FLOAT_COLUMNS, Table, categorical, finite, first_bad, floats,
+                                 group_names, ints, same, same_or, signs, values_of, whole)
 
 AS_STRING = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName"]  # text even when they look numeric
 NUMBERED = ("rlnImageName",)
@@ -955,3 +957,335 @@ def _format_floats(x: np.ndarray):
     if odd.any():
         text = pc.replace_with_mask(text, pa.array(odd), pa.array([repr(v) for v in x[odd].tolist()], type=pa.string()))
     return pc.fill_null(text, "nan") if values.null_count else text  # an empty field would shift the columns
+
+
+# ---------------------------------------------------------------------------------------------
+# RELION labels to the canonical table and back
+# ---------------------------------------------------------------------------------------------
+
+# RELION particle-table labels that map one to one onto canonical columns (same units)
+_STAR_PARTICLE = {
+    "rlnMicrographName": "micrograph", "rlnCoordinateX": "coord_x", "rlnCoordinateY": "coord_y",
+    "rlnDefocusU": "defocus_u", "rlnDefocusV": "defocus_v", "rlnDefocusAngle": "defocus_angle",
+    "rlnPhaseShift": "phase_shift", "rlnAngleRot": "angle_rot", "rlnAngleTilt": "angle_tilt",
+    "rlnAnglePsi": "angle_psi", "rlnClassNumber": "class_number", "rlnOpticsGroup": "optics_group",
+    "rlnOriginXAngst": "shift_x", "rlnOriginYAngst": "shift_y",
+}
+
+
+# optics-table labels (also found in 3.0 particle tables)
+_STAR_OPTICS = {
+    "rlnOpticsGroupName": "optics_group_name", "rlnVoltage": "voltage", "rlnSphericalAberration": "cs",
+    "rlnAmplitudeContrast": "amp_contrast", "rlnImagePixelSize": "pixel_size", "rlnImageSize": "box",
+}
+
+
+_STAR_OPTICS_DERIVED = {"rlnDetectorPixelSize", "rlnMagnification", "rlnImageDimensionality", "rlnOpticsGroup"}
+
+
+_STAR_PARTICLE_DERIVED = {"rlnImageName", "rlnImageName" + NUMBER, "rlnOriginX", "rlnOriginY", "dparticlesDataSign"}
+
+
+# RELION has no label for the data sign: ours (RELION ignores labels it does not know), written only when
+# some particle is -1, so that a sign given at import survives in particles.star
+SIGN_LABEL = "dparticlesDataSign"
+
+
+DOSE_LABEL = "dparticlesTotalDose"  # optics table, e/Å²; likewise ours, written only when a dose is known
+
+
+def from_star(blocks: dict, path: Path) -> Table:
+    """Interpret STAR blocks (3.0 single table, or 3.1+ optics + particles in any order), as
+    :func:`read_star` gives them (compact or not). An error about a particle
+    names its line in the file too (found by a line scan, once the error is known)."""
+    particles_name = _particle_block(blocks, path)
+    try:
+        return _from_star(blocks, path, particles_name)
+    except ParticleError as exc:
+        if exc.particle is None or exc.line is not None or str(exc.path) != str(path):
+            raise
+        line = line_of_row(Path(path), particles_name, exc.particle - 1) if Path(path).is_file() else None
+        raise ParticleError(exc.message, path=path, line=line, particle=exc.particle) from None
+
+
+def _from_star(blocks: dict, path: Path, particles_name: str) -> Table:
+    star = blocks[particles_name].reset_index(drop=True)
+    optics = blocks.get("optics")
+    if isinstance(optics, dict):  # a key-value block named optics: one group
+        optics = pd.DataFrame([optics])
+    n = len(star)
+    out: dict[str, object] = {}
+    version = "3.1" if optics is not None else "3.0"
+    detector: dict[str, np.ndarray] = {}  # 3.0-style pixel size inputs found in an optics table
+
+    if "rlnImageName" in star:
+        out["image_name"], out["image_index"] = _image_names(star, path)
+    for label, name in _STAR_PARTICLE.items():
+        if label in star:
+            out[name] = values_of(star[label])
+    for label, name in _STAR_OPTICS.items():  # 3.0 files carry optics per particle
+        if label in star and name not in out:
+            out[name] = values_of(star[label])
+    if SIGN_LABEL in star:
+        out["sign"] = signs(floats(values_of(star[SIGN_LABEL]), SIGN_LABEL, path), SIGN_LABEL, path)
+
+    if optics is not None:
+        if "rlnOpticsGroup" not in optics:
+            raise ParticleError("the data_optics table has no rlnOpticsGroup column", path=path)
+        groups = _check_optics(optics, path)
+        if "optics_group" not in out:
+            if len(optics) != 1:
+                raise ParticleError("particles have no rlnOpticsGroup but data_optics has several groups",
+                                    path=path)
+            out["optics_group"] = same(groups[0], n)
+        else:  # checked before the look-up, so that an error names the particle that is wrong
+            out["optics_group"] = ints(whole(out["optics_group"], "rlnOpticsGroup", path,
+                                               "a whole number (an optics group of data_optics)"))
+        table = optics.drop(columns="rlnOpticsGroup").set_axis(pd.Index(groups), axis=0)
+        rows = _rows_of(out["optics_group"], table.index)
+        missing = rows < 0
+        if missing.any():
+            row = int(np.flatnonzero(missing)[0])
+            raise ParticleError(f"rlnOpticsGroup {out['optics_group'][row]} is not in data_optics "
+                                f"(groups: {sorted(table.index.tolist())})", path=path, particle=row + 1)
+        for label in table.columns:
+            values = _per_group(table[label], rows)
+            name = _STAR_OPTICS.get(label)
+            if name is not None:
+                out[name] = values
+            elif label == DOSE_LABEL:
+                out["dose"] = values
+            elif label in ("rlnDetectorPixelSize", "rlnMagnification"):
+                detector[label] = values
+            elif label not in _STAR_OPTICS_DERIVED:
+                out[f"star_optics:{label}"] = values
+    elif "optics_group" in out and "pixel_size" not in out and "rlnDetectorPixelSize" not in star:
+        version = "3.1"  # rlnOpticsGroup without data_optics: a 3.1 file missing its optics table
+
+    # pixel size from detector pixel (µm) and magnification when not given directly (3.0)
+    for label in ("rlnDetectorPixelSize", "rlnMagnification"):
+        if label in star:  # optics-table values were checked with the optics table
+            detector[label] = floats(values_of(star[label]), label, path)
+            finite(detector[label], label, path)
+    det, mag = detector.get("rlnDetectorPixelSize"), detector.get("rlnMagnification")
+    if "pixel_size" not in out and det is not None and mag is not None:
+        out["pixel_size"] = same_or(1e4 * np.asarray(det, dtype=np.float64) / np.asarray(mag, dtype=np.float64))
+
+    # pixel-valued origins (3.0 convention; also seen inside 3.1 files): to Å
+    for axis in "XY":
+        label = f"rlnOrigin{axis}"
+        if label in star and f"shift_{axis.lower()}" not in out:
+            origin = floats(values_of(star[label]), label, path)
+            if "pixel_size" not in out:
+                out[f"_origin_px_{axis.lower()}"] = origin
+            else:
+                out[f"shift_{axis.lower()}"] = origin * np.asarray(out["pixel_size"], dtype=np.float64)
+
+    for label in star.columns:
+        if label not in _STAR_PARTICLE and label not in _STAR_PARTICLE_DERIVED and label not in _STAR_OPTICS \
+                and label not in _STAR_OPTICS_DERIVED:
+            values = values_of(star[label])
+            out[f"star:{label}"] = same_or(values) if isinstance(values, np.ndarray) else values
+
+    labels = {v: k for k, v in (_STAR_PARTICLE | _STAR_OPTICS).items()}
+    for col in ("optics_group", "class_number", "box"):
+        if col in out:
+            out[col] = ints(whole(out[col], labels.get(col, col), path))
+    for col in FLOAT_COLUMNS:  # e.g. 'rlnVoltage 300' parses as an integer; units are float whatever the file wrote
+        if col in out:
+            out[col] = floats(out[col], labels.get(col, col), path)
+            if col in FINITE_COLUMNS:
+                finite(out[col], labels.get(col, col), path)
+    if "optics_group" not in out:
+        out["optics_group"] = same(np.int64(1), n)
+    if "optics_group_name" not in out:
+        out["optics_group_name"] = group_names(out["optics_group"])
+    pose = "3d" if {"angle_rot", "angle_tilt"} <= set(out) else "2d" if "angle_psi" in out else "none"
+    particles = pd.DataFrame(out, index=pd.RangeIndex(n), copy=False)
+    return Table(particles, {"format": f"relion-{version}", "pose": pose, "particle_block": particles_name})
+
+
+def _rows_of(groups, keys: pd.Index) -> np.ndarray:
+    """For each particle, the row of its optics group in the optics table (-1 if absent)."""
+    groups = np.asarray(groups)
+    if groups.ndim == 1 and groups.strides == (0,) and len(groups):
+        return same(keys.get_indexer(groups[:1])[0], len(groups))
+    if groups.dtype.kind in "iu" and len(groups) and keys.dtype.kind in "iu":
+        lo, hi = int(groups.min()), int(groups.max())
+        if lo >= 0 and hi < 2**20:  # small group numbers: a lookup table instead of hashing each particle
+            lut = np.full(hi + 1, -1, dtype=np.int64)
+            inside = (keys >= 0) & (keys <= hi)
+            lut[np.asarray(keys[inside], dtype=np.int64)] = np.flatnonzero(inside)
+            rows = lut[groups]
+            return same(rows[0], len(rows)) if (rows == rows[0]).all() else rows
+    return keys.get_indexer(groups)
+
+
+def _per_group(column: pd.Series, rows: np.ndarray):
+    """An optics-table column for each particle: a view when one group, text as a Categorical."""
+    values = column.to_numpy()
+    if values.dtype == object or isinstance(column.dtype, (pd.CategoricalDtype, pd.StringDtype)):
+        codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+        if rows.strides == (0,) and len(rows):
+            codes = np.full(len(rows), codes[rows[0]], dtype=np.int8 if len(uniques) < 128 else np.int32)
+        else:
+            codes = codes[rows]
+        return pd.Categorical.from_codes(codes, categories=pd.Index(uniques, dtype=object))
+    if rows.ndim == 1 and rows.strides == (0,) and len(rows):
+        return same(values[rows[0]], len(rows))
+    return values[rows]
+
+
+def _check_optics(optics: pd.DataFrame, path: Path) -> np.ndarray:
+    """Numbers in data_optics that every particle of a group takes, or an error naming the line;
+    returns the group numbers (int64)."""
+    try:
+        groups = ints(whole(values_of(optics["rlnOpticsGroup"]), "rlnOpticsGroup", path))
+        first_bad(pd.Index(groups).duplicated(), groups, "rlnOpticsGroup", path, "each optics group once")
+        for label in ("rlnImagePixelSize", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+                      "rlnImageSize", "rlnDetectorPixelSize", "rlnMagnification"):
+            if label in optics:
+                values = values_of(optics[label])
+                values = whole(values, label, path) if label == "rlnImageSize" else floats(values, label, path)
+                if label != "rlnAmplitudeContrast":
+                    finite(values, label, path)
+    except ParticleError as exc:  # its 'particle' is a row of the optics table
+        line = line_of_row(Path(path), "optics", exc.particle - 1) if Path(path).is_file() else None
+        raise ParticleError(f"data_optics: {exc.message}", path=path, line=line) from None
+    return groups
+
+
+def _particle_block(blocks: dict, path: Path) -> str:
+    """The block holding particles: 'particles', else the one loop naming images or coordinates."""
+    if isinstance(blocks.get("particles"), pd.DataFrame):
+        return "particles"
+    loops = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame) and k != "optics"}
+    with_images = [k for k, v in loops.items() if "rlnImageName" in v]
+    if len(with_images) == 1:
+        return with_images[0]
+    if len(with_images) > 1:
+        names = ", ".join(f"data_{k}" for k in with_images)
+        raise ParticleError(f"several blocks name particle images ({names}); expected one particle table "
+                            "(data_particles)", path=path)
+    with_coords = [k for k, v in loops.items() if {"rlnCoordinateX", "rlnMicrographName"} & set(v)]
+    if len(with_coords) == 1:
+        return with_coords[0]
+    found = ", ".join(f"data_{k}" for k in blocks) or "none"
+    raise ParticleError(f"no particle table found (blocks: {found}); expected a data_particles loop with "
+                        "rlnImageName", path=path)
+
+
+_IMAGE_NAME = re.compile(r"^\s*(\d+)@(.+?)\s*$")
+
+
+def _image_names(star: pd.DataFrame, path: Path) -> tuple[pd.Categorical, np.ndarray]:
+    """(stack names as a Categorical, 0-based indices) of ``rlnImageName``, read apart or not."""
+    if "rlnImageName" + NUMBER in star:
+        index = star["rlnImageName" + NUMBER].to_numpy() - 1
+        names = star["rlnImageName"].array
+        if (index < 0).any():
+            row = int(np.flatnonzero(index < 0)[0])
+            raise ParticleError(f"rlnImageName {f'{index[row] + 1:06d}@{names[row]}'!r}: image numbers start at 1; "
+                                "expected N@stack with N >= 1",
+                                path=path, particle=row + 1)
+        return names, index
+    names, index = _split_image_names(star["rlnImageName"], path)
+    codes, uniques = pd.factorize(names)
+    return pd.Categorical.from_codes(codes, categories=pd.Index(uniques, dtype=object)), index
+
+
+def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``000012@Extract/x.mrcs`` -> ('Extract/x.mrcs', 11). Names without ``@`` are single images."""
+    fast = _split_image_names_arrow(names)
+    if fast is not None:
+        return fast
+    s = names.astype(str)
+    parts = s.str.extract(_IMAGE_NAME)
+    bad = parts[0].isna()
+    if bad.any():
+        no_at = ~s.str.contains("@", regex=False)
+        if (bad & ~no_at).any():
+            row = int(np.flatnonzero((bad & ~no_at).to_numpy())[0])
+            raise ParticleError(f"rlnImageName {s.iloc[row]!r} is not of the form N@stack", path=path,
+                                particle=row + 1)
+        parts.loc[no_at, 0] = "1"
+        parts.loc[no_at, 1] = s[no_at].str.strip()
+    digits = parts[0].str.lstrip("0")
+    big = (digits.str.len() > 19) | ((digits.str.len() == 19) & (digits >= str(2**63)))
+    if big.any():
+        row = int(np.flatnonzero(big.to_numpy())[0])
+        raise ParticleError(f"rlnImageName {s.iloc[row]!r}: the image number is too large; expected N@stack with "
+                            f"N from 1 to {2**63 - 1}", path=path, particle=row + 1)
+    index = parts[0].astype(np.int64).to_numpy() - 1
+    if (index < 0).any():
+        row = int(np.flatnonzero(index < 0)[0])
+        raise ParticleError(f"rlnImageName {s.iloc[row]!r}: image numbers start at 1; "
+                            "expected N@stack with N >= 1", path=path, particle=row + 1)
+    return parts[1].to_numpy(dtype=object), index
+
+
+def _split_image_names_arrow(names: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
+    """The common case (every name is ``N@stack``, N >= 1) in vectorised pyarrow: a million names in
+    a fraction of a second. None when pyarrow is missing or any name needs the careful path."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+    except ImportError:
+        return None
+    try:
+        parts = pc.split_pattern(pa.array(names.astype(str), type=pa.large_string()), "@", max_splits=1)
+        if pc.min(pc.list_value_length(parts)).as_py() != 2:
+            return None
+        head = pc.utf8_trim_whitespace(pc.list_element(parts, 0))
+        if not pc.all(pc.match_substring_regex(head, r"^\d+$")).as_py():
+            return None
+        index = np.asarray(pc.cast(head, pa.int64())) - 1
+        stack = pc.utf8_trim_whitespace(pc.list_element(parts, 1))
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+    if (index < 0).any() or pc.any(pc.equal(pc.utf8_length(stack), 0)).as_py():
+        return None
+    return stack.to_numpy(zero_copy_only=False).astype(object), index
+
+
+def to_star(particles: pd.DataFrame, paths: np.ndarray | None = None,
+            indices: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
+    """Canonical table -> RELION 3.1 blocks (optics table, Å origins). Images at ``paths`` (one per
+    particle) / ``indices`` (0-based) become ``rlnImageName`` ``NNNNNN@path``, as the pair of columns
+    :func:`write_star` writes as one."""
+    groups = particles.iloc[_first_rows(particles["optics_group"].to_numpy())].sort_values("optics_group")
+    optics = {"rlnOpticsGroup": groups["optics_group"].to_numpy(),
+              "rlnOpticsGroupName": groups["optics_group_name"].astype(str).to_numpy(dtype=object)}
+    for label, name in _STAR_OPTICS.items():
+        if name in groups and label != "rlnOpticsGroupName":
+            optics[label] = groups[name].to_numpy()
+    if "box" in groups:
+        optics["rlnImageDimensionality"] = np.full(len(groups), 2)
+    if "dose" in groups:
+        optics[DOSE_LABEL] = groups["dose"].to_numpy(np.float64)
+    for col in groups.columns:
+        if col.startswith("star_optics:"):
+            optics[col.split(":", 1)[1]] = groups[col].to_numpy()
+
+    out: dict[str, object] = {}
+    inverse = {v: k for k, v in _STAR_PARTICLE.items()}
+    for name in CANONICAL:
+        if name in inverse and name in particles:
+            out[inverse[name]] = values_of(particles[name])
+    for col in particles.columns:
+        if col.startswith("star:"):
+            out[col.split(":", 1)[1]] = values_of(particles[col])
+    if "sign" in particles and (particles["sign"].to_numpy() != 1).any():
+        out[SIGN_LABEL] = particles["sign"].to_numpy(np.float64)
+    if paths is not None:
+        out["rlnImageName"] = categorical(paths)
+        out["rlnImageName" + NUMBER] = np.asarray(indices, dtype=np.int64) + 1
+    return {"optics": pd.DataFrame(optics), "particles": pd.DataFrame(out, index=pd.RangeIndex(len(particles)), copy=False)}
+
+
+def _first_rows(values: np.ndarray) -> np.ndarray:
+    """The first row of each distinct value, in row order."""
+    if values.ndim == 1 and values.strides == (0,) or len(values) < 2:
+        return np.arange(min(len(values), 1))
+    return pd.Series(values).drop_duplicates().index.to_numpy()
+
