@@ -1,5 +1,9 @@
 """Pure numpy kernels for particle images: real-space crop/pad and Fourier downsampling.
 
+One kernel per operation (:func:`crop_pad`, :func:`fourier_crop`, :func:`lowpass`, :func:`recenter`),
+each the code of :func:`downsample` with only that operation's parameters, and the fused
+:func:`downsample_chunk` that does them all with one FFT per image for several sizes.
+
 Every function takes and returns float32 stacks shaped ``(n, box, box)`` (a leading particle
 axis) and touches no files, dask or xarray. The FFTs are ``ducc0.fft`` (single precision,
 multi-threaded): on batches of 256 x 256 float32 images it is the fastest of numpy.fft,
@@ -26,7 +30,8 @@ from collections.abc import Sequence
 import ducc0.fft
 import numpy as np
 
-__all__ = ["crop_pad", "downsample", "fourier_box_for_pixel_size", "task_peak_bytes"]
+__all__ = ["crop_pad", "downsample", "downsample_chunk", "fourier_box_for_pixel_size", "fourier_crop", "lowpass",
+           "recenter", "task_peak_bytes"]
 
 # Images per FFT call are padded to a multiple of this, so that an image's result does not depend on
 # which others share its call (ducc0 vectorises across images; a partial group rounds differently).
@@ -345,23 +350,43 @@ def _apply_ramp(block: np.ndarray, shifts: np.ndarray, ky: np.ndarray, kx: np.nd
     block *= ex[:, None, :]
 
 
-def downsample_chunk(images: np.ndarray, psize: np.ndarray, shift_x: np.ndarray | None = None,
-                     shift_y: np.ndarray | None = None, *, crop_box: int | None, boxes: tuple[int, ...],
-                     lowpass: float | None) -> tuple[np.ndarray, ...]:
-    """One chunk of :func:`dparticles.ops.downsample`: crop/pad, then one FFT per image for all
-    ``boxes``; particles of different pixel sizes (``psize``, one per image) get their own lowpass
-    filter. Returns one float32 stack per box. It lives here, beside the kernels, so that a worker
-    running it imports numpy and ducc0 only."""
-    if crop_box is not None:
-        images = crop_pad(images, crop_box)
-    shifts = None if shift_x is None else np.stack([shift_x, shift_y], axis=1)
-    if lowpass is None and shifts is None and all(b == images.shape[-1] for b in boxes):
-        images = np.asarray(images, dtype=np.float32)
-        return tuple(images for _ in boxes)
-    if lowpass is None or len(np.unique(psize)) < 2:  # the pixel size matters only to the filter
-        return tuple(downsample(images, boxes, pixel_size=float(psize[0]) if len(psize) else 1.0,
-                                lowpass=lowpass, shifts=shifts))
-    outs = tuple(np.empty((len(images), b, b), dtype=np.float32) for b in boxes)
+def fourier_crop(images: np.ndarray, box: int) -> np.ndarray:
+    """Fourier-crop (or -pad) a stack to ``box``: :func:`downsample` to that one box. A stack of that
+    box already comes back as it is (float32), with no FFT."""
+    stack = _as_stack(images)
+    if _check_box(box) == stack.shape[-1]:
+        return stack
+    return downsample(stack, [box], pixel_size=1.0)[0]
+
+
+def lowpass(images: np.ndarray, pixel_size: float | np.ndarray, resolution: float) -> np.ndarray:
+    """RELION's raised-cosine lowpass at ``resolution`` Å (see :func:`downsample`), each image
+    filtered for its own pixel size: ``pixel_size`` one per image, or one for all."""
+    stack = _as_stack(images)
+    return _by_pixel_size(stack, pixel_size, [stack.shape[-1]], resolution, None)[0]
+
+
+def recenter(images: np.ndarray, shift_x: np.ndarray, shift_y: np.ndarray) -> np.ndarray:
+    """Shift each image by its origin ``(shift_x, shift_y)`` in pixels, RELION's sign, one per image
+    or one for all: the exact Fourier phase ramp of :func:`downsample`."""
+    stack = _as_stack(images)
+    return downsample(stack, [None], pixel_size=1.0, shifts=_pairs(shift_x, shift_y, len(stack)))[0]
+
+
+def _pairs(shift_x: np.ndarray, shift_y: np.ndarray, n: int) -> np.ndarray:
+    """Shifts shaped (n, 2) as (ox, oy), from one value per image or one for all."""
+    return np.stack([np.broadcast_to(shift_x, (n,)), np.broadcast_to(shift_y, (n,))], axis=1)
+
+
+def _by_pixel_size(images: np.ndarray, psize: float | np.ndarray, boxes: Sequence[int],
+                   lowpass: float | None, shifts: np.ndarray | None) -> list[np.ndarray]:
+    """:func:`downsample`, with the images of each pixel size (``psize``, one per image or one for
+    all) given their own lowpass filter; the pixel size matters only to the filter."""
+    psize = np.broadcast_to(np.asarray(psize, dtype=np.float64), (len(images),))
+    if lowpass is None or len(np.unique(psize)) < 2:
+        return downsample(images, boxes, pixel_size=float(psize[0]) if len(psize) else 1.0, lowpass=lowpass,
+                          shifts=shifts)
+    outs = [np.empty((len(images), b, b), dtype=np.float32) for b in boxes]
     for p in np.unique(psize):
         sel = psize == p
         parts = downsample(images[sel], boxes, pixel_size=float(p), lowpass=lowpass,
@@ -369,6 +394,23 @@ def downsample_chunk(images: np.ndarray, psize: np.ndarray, shift_x: np.ndarray 
         for out, part in zip(outs, parts):
             out[sel] = part
     return outs
+
+
+def downsample_chunk(images: np.ndarray, psize: np.ndarray, shift_x: np.ndarray | None = None,
+                     shift_y: np.ndarray | None = None, *, crop_box: int | None, boxes: tuple[int, ...],
+                     lowpass: float | None) -> tuple[np.ndarray, ...]:
+    """One chunk of :func:`dparticles.ops.downsample`, all its operations fused: crop/pad, then one
+    FFT per image for all ``boxes``, with the lowpass and recentring of :func:`lowpass` and
+    :func:`recenter` (``psize``, ``shift_x``, ``shift_y`` one per image or one for all). Returns one
+    float32 stack per box. It lives here, beside the kernels, so that a worker running it imports
+    numpy and ducc0 only."""
+    if crop_box is not None:
+        images = crop_pad(images, crop_box)
+    shifts = None if shift_x is None else _pairs(shift_x, shift_y, len(images))
+    if lowpass is None and shifts is None and all(b == images.shape[-1] for b in boxes):
+        images = np.asarray(images, dtype=np.float32)
+        return tuple(images for _ in boxes)
+    return tuple(_by_pixel_size(images, psize, boxes, lowpass, shifts))
 
 
 def downsample_chunk_one(images: np.ndarray, psize: np.ndarray, shift_x: np.ndarray | None = None,
