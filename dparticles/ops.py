@@ -1,9 +1,14 @@
 """Lazy image transforms on an opened particle Dataset: Dataset in, Dataset out, nothing read.
 
+A new op is a pure numpy kernel (in :mod:`dparticles.kernels`, or one's own) plus a few lines here:
+check the arguments, make one :func:`map_particles` call over the kernel, and return
+``_result(ds, images, box, pixel_size)`` with the metadata the images now have.
+
 Each function checks its arguments first (raising :class:`ParticleError` before any graph is
 built, also for boxes whose task of one particle would not fit the memory budget), then returns a
-new Dataset whose ``images`` is one ``blockwise`` call of :func:`kernels.downsample` (or
-:func:`kernels.crop_pad`) over the input's particle chunks, float32, each chunk cut where the
+new Dataset whose ``images`` is one ``blockwise`` call of its kernel (:func:`kernels.crop_pad`,
+:func:`kernels.fourier_crop`, :func:`kernels.lowpass`, :func:`kernels.recenter`, or the fused
+:func:`kernels.downsample_chunk`) over the input's particle chunks, float32, each chunk cut where the
 kernel's peak (:func:`kernels.task_peak_bytes`) would exceed 75% of ``dparticles.memory-budget``,
 and whose metadata already say what the images now are: ``pixel_size = psize * C / b`` in float64
 (``C`` the box after the real-space crop, ``b`` the output box), ``box``, and after recentring zero
@@ -30,7 +35,7 @@ from dask.utils import format_bytes, parse_bytes
 from dparticles import config, kernels, planning
 from dparticles.errors import ParticleError
 
-__all__ = ["crop", "downsample", "fourier_crop", "lowpass", "recenter"]
+__all__ = ["crop", "downsample", "fourier_crop", "lowpass", "map_particles", "recenter"]
 
 # micrograph pixel size for recentred coordinates, best evidence first (see CONVENTIONS.md)
 MICROGRAPH_PIXEL_SIZE = ("star_optics:rlnMicrographPixelSize", "star:rlnMicrographPixelSize",
@@ -41,23 +46,61 @@ MAX_UPSAMPLING = 4  # Fourier boxes beyond this many times the box are refused a
 TASK_SHARE = 0.75  # of dparticles.memory-budget a task's arrays may hold; the rest is the worker's own
 
 
+def map_particles(ds: xr.Dataset, kernel: Callable[..., np.ndarray], *, out_box: int | None = None,
+                  per_particle: Sequence[np.ndarray] = (), peak: Callable[[int], int] | None = None,
+                  dtype: np.dtype | type = np.float32, name: str | None = None, **kwargs: object) -> da.Array:
+    """``kernel(images, *per_particle, **kwargs)`` over the particle chunks of ``ds.images``: one
+    ``blockwise`` call, one task per chunk, each chunk holding whole images (y and x whole).
+
+    ``kernel`` takes a numpy stack ``(n, y, x)`` and returns a ``(n, out_box, out_box)`` stack of
+    ``dtype`` (``out_box`` default: the input's box). ``per_particle`` are arrays of one value per
+    particle (pixel size, shifts): after the stack, the kernel gets each one's values for its chunk's
+    particles, or, when every one of them holds a single value (one pixel size, no shifts: the usual
+    case), that value as an array of length 1, and no task per chunk carries them. ``peak(n)``, the
+    bytes a task of ``n`` particles holds at its peak, cuts the chunks that would exceed
+    :data:`TASK_SHARE` of ``dparticles.memory-budget`` (:func:`planning.fit_chunks`); without it the
+    chunks stay as they are. ``name`` prefixes the layer's name. Returns the lazy images; for a
+    kernel that keeps the box, ``ds.assign(images=(("particle", "y", "x"), images))`` is the new
+    Dataset, e.g. contrast inversion: ``ops.map_particles(ds, np.negative)``.
+    """
+    images = _whole_images(ds, peak)
+    box = int(ds.sizes["x"]) if out_box is None else out_box
+    return da.blockwise(kernel, "pyx", images, "pyx", *_blocks(per_particle, images.chunks[0]), **kwargs,
+                        adjust_chunks={"y": box, "x": box}, token=name, dtype=dtype,
+                        meta=np.empty((0, 0, 0), dtype=dtype))
+
+
 def crop(ds: xr.Dataset, box: int) -> xr.Dataset:
     """Real-space crop or pad to ``box`` (centred as RELION centres, padding with each image's mean).
 
     The pixel size is unchanged; ``box`` is updated. See :func:`kernels.crop_pad`.
     """
-    return downsample(ds, crop_box=box)
+    psize = _pixel_sizes(ds)
+    box = _check_box(box, "crop box")
+    _warn_odd_requests([box], box, None, 0.0)
+    peak = _peak(ds, box, [box], fourier=False)
+    return _result(ds, map_particles(ds, kernels.crop_pad, out_box=box, peak=peak, name="crop", box=box), box,
+                   psize.copy())
 
 
 def fourier_crop(ds: xr.Dataset, box: int | Sequence[int] | None = None, *,
                  pixel_size: float | Sequence[float] | None = None) -> xr.Dataset | list[xr.Dataset]:
     """Fourier-crop (or pad) to ``box``, or to the even box nearest to the target ``pixel_size`` (Å).
 
-    Give one of the two; a list gives a list of Datasets sharing one read and FFT per image.
+    Give one of the two; a list gives a list of Datasets sharing one read and FFT per image (the
+    multi-size pass of :func:`downsample`). See :func:`kernels.fourier_crop`.
     """
     if box is None and pixel_size is None:
         raise ParticleError("give a Fourier box or a target pixel size to Fourier-crop to")
-    return downsample(ds, fourier_box=box, pixel_size=pixel_size)
+    if isinstance(box, _LISTS) or isinstance(pixel_size, _LISTS):
+        return downsample(ds, fourier_box=box, pixel_size=pixel_size)
+    psize = _pixel_sizes(ds)
+    c = int(ds.sizes["x"])
+    [b] = _output_boxes(box, pixel_size, c, psize)
+    _warn_odd_requests([b], c, None, 0.0)
+    peak = _peak(ds, None, [b], fourier=b != c)
+    images = map_particles(ds, kernels.fourier_crop, out_box=b, peak=peak, name=f"fourier-crop-box{b}", box=b)
+    return _result(ds, images, b, _scaled(psize, c, b))
 
 
 def lowpass(ds: xr.Dataset, resolution: float) -> xr.Dataset:
@@ -65,13 +108,28 @@ def lowpass(ds: xr.Dataset, resolution: float) -> xr.Dataset:
 
     Each particle is filtered with its own pixel size (optics groups may differ).
     """
-    return downsample(ds, lowpass=resolution)
+    psize = _pixel_sizes(ds)
+    _check_lowpass(resolution)
+    c = int(ds.sizes["x"])
+    _warn_odd_requests([c], c, resolution, float(psize.max()))
+    peak = _peak(ds, None, [c], fourier=True, split=len(np.unique(psize)) > 1)
+    images = map_particles(ds, kernels.lowpass, per_particle=[psize], peak=peak, name="lowpass", resolution=resolution)
+    return _result(ds, images, c, psize.copy())
 
 
 def recenter(ds: xr.Dataset, *, micrograph_pixel_size: float | None = None) -> xr.Dataset:
-    """Shift each image by its origin (an exact Fourier phase ramp): shifts become zero and the
-    picking coordinates move by ``- shift / micrograph_pixel_size`` (see :func:`downsample`)."""
-    return downsample(ds, recenter=True, micrograph_pixel_size=micrograph_pixel_size)
+    """Shift each image by its origin (an exact Fourier phase ramp, :func:`kernels.recenter`): shifts
+    become zero and the picking coordinates move by ``- shift / micrograph_pixel_size`` (see
+    :func:`downsample`)."""
+    psize = _pixel_sizes(ds)
+    _check_micrograph_pixel_size(micrograph_pixel_size)
+    c = int(ds.sizes["x"])
+    _warn_odd_requests([c], c, None, 0.0)
+    shifts = _shifts_px(ds, psize)
+    mic, mic_from = _micrograph_pixel_size(ds, micrograph_pixel_size)
+    peak = _peak(ds, None, [c], fourier=True)
+    images = map_particles(ds, kernels.recenter, per_particle=list(shifts.T), peak=peak, name="recenter")
+    return _result(ds, images, c, psize.copy(), mic, mic_from)
 
 
 def downsample(ds: xr.Dataset, *, crop_box: int | None = None, fourier_box: int | Sequence[int] | None = None,
@@ -106,33 +164,90 @@ def downsample(ds: xr.Dataset, *, crop_box: int | None = None, fourier_box: int 
     ParticleError
         On a bad argument, before any graph is built.
     """
-    if fourier_box is not None and pixel_size is not None:
-        raise ParticleError("give a Fourier box or a target pixel size (--fourier-box or --approx-pixel-size), "
-                            "not both")
+    psize = _pixel_sizes(ds)
     many = isinstance(fourier_box, _LISTS) or isinstance(pixel_size, _LISTS)
-    if "images" not in ds or "pixel_size" not in ds.coords:
-        raise ParticleError("the dataset has no images or no pixel size (opened with ignore_raw?)",
-                            path=ds.attrs.get("source"))
     crop_box = _check_box(crop_box, "crop box") if crop_box is not None else None
     c = crop_box or int(ds.sizes["x"])
-    psize = ds["pixel_size"].values.astype(np.float64)
     boxes = _output_boxes(fourier_box, pixel_size, c, psize)
-    if lowpass is not None and not _positive(lowpass):
-        raise ParticleError(f"lowpass must be a finite resolution in Å greater than 0, got {lowpass!r}")
-    if micrograph_pixel_size is not None and not _positive(micrograph_pixel_size):
-        raise ParticleError(f"micrograph pixel size must be greater than 0 Å, got {micrograph_pixel_size!r}")
+    if lowpass is not None:
+        _check_lowpass(lowpass)
+    _check_micrograph_pixel_size(micrograph_pixel_size)
     _warn_odd_requests(boxes, c, lowpass, float(psize.max()))
     shifts = _shifts_px(ds, psize) if recenter else None
     mic, mic_from = _micrograph_pixel_size(ds, micrograph_pixel_size) if recenter else (None, None)
-    peak = _task_model(ds, crop_box, tuple(boxes), recenter or lowpass is not None,
-                       lowpass is not None and len(np.unique(psize)) > 1)
-    _check_memory(peak, crop_box, boxes, int(ds.sizes["x"]))
+    peak = _peak(ds, crop_box, boxes, fourier=recenter or lowpass is not None or any(b != c for b in boxes),
+                 split=lowpass is not None and len(np.unique(psize)) > 1)
 
-    images = _images(ds, crop_box, tuple(boxes), lowpass, psize, shifts, peak)
-    # psize * C / b, but psize itself when C == b: 2.8 * 96 / 96 is 2.7999999999999994 in float64
-    out = [_result(ds, img, psize * c / b if b != c else psize.copy(), b, mic, mic_from)
-           for img, b in zip(images, boxes)]
+    per_particle = [psize] if shifts is None else [psize, *shifts.T]
+    options = {"crop_box": crop_box, "boxes": tuple(boxes), "lowpass": lowpass}
+    if len(boxes) == 1:
+        images = [map_particles(ds, kernels.downsample_chunk_one, out_box=boxes[0], per_particle=per_particle,
+                                peak=peak, name=f"downsample-box{boxes[0]}", **options)]
+    else:
+        images = _several_sizes(ds, per_particle, peak, options)
+    out = [_result(ds, img, b, _scaled(psize, c, b), mic, mic_from) for img, b in zip(images, boxes)]
     return out if many else out[0]
+
+
+def _several_sizes(ds: xr.Dataset, per_particle: list[np.ndarray], peak: Callable[..., int],
+                   options: dict) -> list[da.Array]:
+    """One lazy image array per output box, all picked from a single blockwise layer of
+    :func:`kernels.downsample_chunk` whose every block is the tuple of outputs of one read and one
+    forward FFT (chunks and per-particle arrays as :func:`map_particles` makes them)."""
+    images = _whole_images(ds, peak)
+    along = images.chunks[0]
+    meta = np.empty((0, 0, 0), dtype=np.float32)
+    # blocks of this layer are tuples of stacks, one per box: never computed alone, only picked from
+    outputs = da.blockwise(kernels.downsample_chunk, "pyx", images, "pyx", *_blocks(per_particle, along), **options,
+                           token="downsample", dtype=np.float32, meta=meta)
+    return [da.map_blocks(operator.getitem, outputs, k, chunks=(along, (b,), (b,)), dtype=np.float32, meta=meta,
+                          token=f"downsample-box{b}")
+            for k, b in enumerate(options["boxes"])]
+
+
+def _whole_images(ds: xr.Dataset, peak: Callable[[int], int] | None) -> da.Array:
+    """``ds.images`` with y and x whole in every chunk and, given ``peak``, the particle chunks whose
+    task would not fit the budget cut to fit (the others kept)."""
+    images = da.asarray(ds["images"].data)
+    if images.numblocks[1:] != (1, 1):
+        images = images.rechunk({1: -1, 2: -1})
+    budget = _task_budget()
+    if peak is not None and peak(max(images.chunks[0], default=0)) > budget:
+        images = images.rechunk({0: planning.fit_chunks(images.chunks[0], peak, budget, kernels.FFT_GROUP)})
+    return images
+
+
+def _blocks(per_particle: Sequence[np.ndarray], chunks: tuple[int, ...]) -> list:
+    """``blockwise`` arguments for the per-particle arrays: a slice per chunk of each (not the whole
+    array in every task), or, when each holds one value, that value as an array of length 1."""
+    arrays = [np.asarray(a) for a in per_particle]
+    if all((a == a[:1]).all() for a in arrays):
+        return [x for a in arrays for x in (a[:1], None)]
+    return [x for a in arrays for x in (da.from_array(np.ascontiguousarray(a), chunks=(chunks,)), "p")]
+
+
+def _pixel_sizes(ds: xr.Dataset) -> np.ndarray:
+    """The particles' pixel sizes in float64, once ``ds`` is known to hold images and pixel sizes."""
+    if "images" not in ds or "pixel_size" not in ds.coords:
+        raise ParticleError("the dataset has no images or no pixel size (opened with ignore_raw?)",
+                            path=ds.attrs.get("source"))
+    return ds["pixel_size"].values.astype(np.float64)
+
+
+def _scaled(psize: np.ndarray, c: int, b: int) -> np.ndarray:
+    """The pixel size after Fourier-cropping a ``c`` box to ``b``: ``psize * c / b``, in float64."""
+    # but psize itself when c == b: 2.8 * 96 / 96 is 2.7999999999999994 in float64
+    return psize * c / b if b != c else psize.copy()
+
+
+def _check_lowpass(resolution: object) -> None:
+    if not _positive(resolution):
+        raise ParticleError(f"lowpass must be a finite resolution in Å greater than 0, got {resolution!r}")
+
+
+def _check_micrograph_pixel_size(value: object) -> None:
+    if value is not None and not _positive(value):
+        raise ParticleError(f"micrograph pixel size must be greater than 0 Å, got {value!r}")
 
 
 def _warn_odd_requests(boxes: list[int], c: int, lowpass: float | None, psize: float) -> None:
@@ -151,15 +266,19 @@ def _warn_odd_requests(boxes: list[int], c: int, lowpass: float | None, psize: f
                           f"({nyquist:.4g} Å): it changes nothing there", stacklevel=3)
 
 
-def _task_model(ds: xr.Dataset, crop_box: int | None, boxes: tuple[int, ...], filtered: bool,
-                split: bool) -> Callable[..., int]:
+def _peak(ds: xr.Dataset, crop_box: int | None, boxes: list[int], *, fourier: bool,
+          split: bool = False) -> Callable[..., int]:
     """``peak(n, outs=boxes)``: bytes one task of ``n`` particles holds at its peak
-    (:func:`kernels.task_peak_bytes` for these images and arguments). ``filtered``: a lowpass or
-    recentring, which need the Fourier pass."""
+    (:func:`kernels.task_peak_bytes` for these images and arguments; ``fourier``: with a Fourier
+    pass, ``split``: a lowpass over several pixel sizes). Refused (:func:`_check_memory`) when a task
+    of one particle would not fit the budget."""
     box, itemsize = int(ds.sizes["x"]), int(ds["images"].dtype.itemsize)
-    fourier = filtered or any(b != (crop_box or box) for b in boxes)
-    return lambda n, outs=boxes: kernels.task_peak_bytes(n, box, crop_box, outs, itemsize=itemsize,
-                                                         fourier=fourier, split=split)
+
+    def peak(n: int, outs: Sequence[int] = tuple(boxes)) -> int:
+        return kernels.task_peak_bytes(n, box, crop_box, outs, itemsize=itemsize, fourier=fourier, split=split)
+
+    _check_memory(peak, crop_box, boxes, box)
+    return peak
 
 
 def _task_budget() -> int:
@@ -197,6 +316,9 @@ def _check_box(box: object, what: str) -> int:
 def _output_boxes(fourier_box, pixel_size, c: int, psize: np.ndarray) -> list[int]:
     """Output boxes: as given, or for each target pixel size the nearest even box (one for all
     optics groups, else refused); ``[c]`` if neither is given."""
+    if fourier_box is not None and pixel_size is not None:
+        raise ParticleError("give a Fourier box or a target pixel size (--fourier-box or --approx-pixel-size), "
+                            "not both")
     if fourier_box is not None:
         values = list(fourier_box) if isinstance(fourier_box, _LISTS) else [fourier_box]
         if not values:
@@ -273,41 +395,8 @@ def _micrograph_pixel_size(ds: xr.Dataset, override: float | None) -> tuple[np.n
     return ds["pixel_size"].values.astype(np.float64), "pixel_size"
 
 
-def _images(ds: xr.Dataset, crop_box: int | None, boxes: tuple[int, ...], lowpass: float | None,
-            psize: np.ndarray, shifts: np.ndarray | None, peak: Callable[..., int]) -> list[da.Array]:
-    """One lazy image array per output box, all picked from a single blockwise layer whose every
-    block is the tuple of outputs of one read and one forward FFT, over particle chunks small
-    enough that each task's ``peak`` fits the budget."""
-    images = da.asarray(ds["images"].data)
-    if images.numblocks[1:] != (1, 1):
-        images = images.rechunk({1: -1, 2: -1})
-    budget = _task_budget()
-    if peak(max(images.chunks[0], default=0)) > budget:  # cut only chunks that do not fit
-        images = images.rechunk({0: planning.fit_chunks(images.chunks[0], peak, budget, kernels.FFT_GROUP)})
-    along = (images.chunks[0],)
-    options = {"crop_box": crop_box, "boxes": boxes, "lowpass": lowpass}
-    if shifts is None and (psize == psize[:1]).all():  # one pixel size (the usual case): a value, not a task per block
-        per_particle, options["psize"] = [], psize[:1]
-    else:  # a slice per block, not the whole array per task
-        per_particle = [da.from_array(psize, chunks=along)]
-        if shifts is not None:
-            per_particle += [da.from_array(np.ascontiguousarray(shifts[:, k]), chunks=along) for k in range(2)]
-    arrays = [a for arr in per_particle for a in (arr, "p")]
-    meta = np.empty((0, 0, 0), dtype=np.float32)
-    if len(boxes) == 1:
-        b = boxes[0]
-        return [da.blockwise(kernels.downsample_chunk_one, "pyx", images, "pyx", *arrays, **options,
-                             adjust_chunks={"y": b, "x": b}, token=f"downsample-box{b}", dtype=np.float32, meta=meta)]
-    # blocks of this layer are tuples of stacks, one per box: never computed alone, only picked from
-    outputs = da.blockwise(kernels.downsample_chunk, "pyx", images, "pyx", *arrays, **options,
-                           token="downsample", dtype=np.float32, meta=meta)
-    return [da.map_blocks(operator.getitem, outputs, k, chunks=(images.chunks[0], (b,), (b,)), dtype=np.float32, meta=meta,
-                          token=f"downsample-box{b}")
-            for k, b in enumerate(boxes)]
-
-
-def _result(ds: xr.Dataset, images: da.Array, new_psize: np.ndarray, box: int, mic: np.ndarray | None,
-            mic_from: str | None) -> xr.Dataset:
+def _result(ds: xr.Dataset, images: da.Array, box: int, new_psize: np.ndarray, mic: np.ndarray | None = None,
+            mic_from: str | None = None) -> xr.Dataset:
     """``ds`` with new images, pixel size and box; after recentring zero shifts and moved coordinates."""
     out = ds.drop_vars([name for name, v in ds.variables.items() if {"y", "x"} & set(v.dims)])
     coords = {"pixel_size": ("particle", new_psize), "box": ("particle", np.full(ds.sizes["particle"], box, np.int64))}
