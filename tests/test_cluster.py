@@ -1,28 +1,25 @@
-"""Cluster layer and config tiers, on real LocalClusters (worker processes, sockets, TLS, SIGKILL).
+"""Choosing and starting the cluster (:func:`dparticles.cluster.cluster_client`) and the config tiers, on
+real LocalClusters (in-process, worker processes, sockets, TLS): the embedded cluster, a scheduler by
+address or file and its bounded probe, the active client, argument checks.
 
-Task functions are builtins (``sum`` over a ``range``, ``operator.truediv``) so that spawned
-workers unpickle them without importing this file; ``sum(range(i, i + N))`` is a task whose
-run time grows with N and whose result is known: ``N * i + N * (N - 1) // 2``.
+Task functions are builtins (``operator.add``) so that spawned workers unpickle them without
+importing this file.
 """
 
 from __future__ import annotations
 
 import operator
 import os
-import re
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 import dask
-import numpy as np
 import psutil
 import pytest
 import yaml
@@ -30,14 +27,12 @@ from distributed import Client, LocalCluster
 
 from dparticles import cli, config
 from dparticles import cluster as cluster_module
-from dparticles.cluster import RunSummary, cluster_client, run_tasks
+from dparticles.cluster import cluster_client
+from dparticles.dashboard import dashboard_address
 from dparticles.errors import ParticleError
+from dparticles.progress import watch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def expected_sum(i: int, n: int) -> int:
-    return n * i + n * (n - 1) // 2
 
 
 def listening_hosts(proc: psutil.Process) -> set[str]:
@@ -96,16 +91,6 @@ def test_deploy_site_config_only_uses_known_keys():
     assert set(config._keys(site["dparticles"])) <= set(config._keys(config.DEFAULTS["dparticles"]))
 
 
-def test_deploy_jobqueue_profiles_make_job_scripts():
-    """The dask-jobqueue profiles in deploy/ load and render a job script for their scheduler."""
-    jq = pytest.importorskip("dask_jobqueue")
-    for name, job_cls, directive in [("slurm", jq.slurm.SLURMJob, "#SBATCH"), ("pbs", jq.pbs.PBSJob, "#PBS")]:
-        profile = yaml.safe_load((REPO / "deploy" / f"jobqueue-{name}.yaml").read_text())["jobqueue"][name]
-        with dask.config.set({f"jobqueue.{name}.{k}": v for k, v in profile.items()}):   # merged as a site file is
-            script = job_cls(scheduler="tcp://127.0.0.1:8786", name="w", python="python").job_script()
-        assert directive in script and "distributed.cli.dask_worker" in script
-
-
 # --- cluster_client --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("processes", [False, True])
@@ -145,7 +130,7 @@ def test_explicit_address_and_scheduler_file_are_used_and_left_running(shared_cl
         with cluster_client(**kwargs, log=log.append) as client:
             assert client.scheduler.address == cluster.scheduler_address
             assert client.cluster is None                     # connected, nothing started
-            results, _ = run_tasks(client, operator.add, [(1, 2), (3, 4)], label="add", log=log.append)
+            results, _ = watch(client, client.map(operator.add, [1, 3], [2, 4]), label="add", log=log.append)
             assert results == [3, 7]
         assert client.status == "closed"
         assert cluster.status.name == "running"
@@ -271,113 +256,7 @@ def test_busy_dashboard_port_is_replaced_by_a_free_one_without_warning():
     # a free configured port is used as it is
     free = closed_port()
     with dask.config.set({"dparticles.cluster.dashboard-address": f":{free}"}):
-        assert cluster_module._dashboard_address("127.0.0.1") == f"127.0.0.1:{free}"
-
-
-# --- run_tasks --------------------------------------------------------------------------------
-
-def test_run_tasks_results_in_order_with_summary_and_progress_lines(shared_cluster):
-    cluster, _ = shared_cluster
-    n = 3_000_000
-    args = [(range(i, i + n * (1 + i % 3)),) for i in range(16)]      # uneven task lengths
-    log: list[str] = []
-    with Client(cluster) as client, dask.config.set({"dparticles.progress-interval": 0.1}):
-        results, summary = run_tasks(client, sum, args, label="sums", log=log.append, nbytes=10**9)
-        assert results == [expected_sum(i, n * (1 + i % 3)) for i in range(16)]
-        assert isinstance(summary, RunSummary) and summary.n_tasks == 16 and summary.n_workers == 2
-        assert summary.seconds > 0 and summary.peak_worker_memory_bytes > 10**7
-        assert summary.sampled_peak_rss_bytes > 10**7
-        assert str(summary) == log[-1] and str(summary).startswith("sums: 16 tasks in ")
-        # not a TTY: a line at each further tenth done, with rate and time left, not a bar
-        lines = log[:-1]
-        assert 1 <= len(lines) <= 10 and all(re.fullmatch(r"sums: \d+% \(\d+/16 tasks\) in \d+ s, [\d.]+ [KMG]iB/s, "
-                                                         r"about \d+ s left", m) for m in lines), lines
-        steps = [int(m.split()[1].rstrip("%")) // 10 for m in lines]
-        assert steps == sorted(set(steps)), lines
-        # deterministic keys: the same call again finds the same tasks
-        again, _ = run_tasks(client, sum, args, label="sums", log=lambda m: None)
-        assert again == results
-        empty, s0 = run_tasks(client, sum, [], label="none", log=lambda m: None)
-        assert empty == [] and s0.n_tasks == 0
-
-
-def test_run_tasks_raises_task_error_and_cancels_the_rest(shared_cluster):
-    cluster, _ = shared_cluster
-    with Client(cluster) as client:
-        with pytest.raises(ZeroDivisionError):
-            run_tasks(client, operator.truediv, [(1, 1), (1, 0), (2, 1)], label="div", log=lambda m: None)
-        with pytest.raises(ValueError, match="same length"):
-            run_tasks(client, operator.add, [(1, 2), (1,)], label="bad", log=lambda m: None)
-
-
-@pytest.mark.timeout(180)
-def test_worker_memory_is_the_workers_own_not_the_parents():
-    """Spawned workers inherit the parent's ru_maxrss; the summary must report what the workers used."""
-    big = np.ones(2 * 2**30 // 8)                      # 2 GiB, touched, held while the cluster starts
-    assert psutil.Process().memory_info().rss > 2 * 2**30
-    log: list[str] = []
-    with cluster_client(n_workers=2, threads_per_worker=1, processes=True, log=log.append) as client:
-        results, summary = run_tasks(client, sum, [(range(i, i + 1000),) for i in range(8)], label="small",
-                                     log=log.append)
-    assert results == [expected_sum(i, 1000) for i in range(8)]
-    assert 5 * 2**20 < summary.peak_worker_memory_bytes < 512 * 2**20, summary
-    assert not summary.peak_worker_memory_sampled
-    assert "of memory per worker" in str(summary) and "ru_maxrss" not in str(summary)
-    del big
-
-
-def test_worker_memory_falls_back_to_the_sampled_rss_without_proc(monkeypatch):
-    """Where workers cannot read their peak (no /proc), the summary gives the sampled RSS and says so."""
-    monkeypatch.setattr(cluster_module, "_peak_memory_bytes", lambda: None)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster) as client:                   # in-process worker: it runs the patched reader
-        _, summary = run_tasks(client, operator.add, [(1, 2)], label="fallback", log=lambda m: None)
-    assert summary.peak_worker_memory_sampled
-    assert summary.peak_worker_memory_bytes == summary.sampled_peak_rss_bytes > 10**7
-    assert str(summary).endswith("(sampled).")
-
-
-def test_run_summary_text():
-    s = RunSummary("x", 4, 2.0, 2, 223 * 2**20, 100 * 2**20)
-    assert str(s) == "x: 4 tasks in 2.0 s on 2 workers; at most 223.00 MiB of memory per worker."
-    fallback = RunSummary("x", 1, 2.0, 1, 100 * 2**20, 100 * 2**20, 2**30, peak_worker_memory_sampled=True)
-    assert str(fallback) == ("x: 1 task in 2.0 s on 1 worker, 1.00 GiB written (512.00 MiB/s); "
-                             "at most 100.00 MiB of memory per worker (sampled).")
-
-
-@pytest.mark.timeout(180)
-def test_run_tasks_survives_sigkill_of_a_worker():
-    """SIGKILL one worker process mid-run: its tasks run again elsewhere, all results arrive."""
-    n = 20_000_000                                        # about 0.2-0.4 s per task
-    args = [(range(i, i + n),) for i in range(24)]
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-        pids = client.run(os.getpid)
-        ours = {c.pid for c in psutil.Process().children(recursive=True)}
-        assert set(pids.values()) <= ours                 # only ever signal our own children
-        victim_addr, victim_pid = sorted(pids.items())[0]
-        killed: dict[str, int] = {}
-
-        def kill_when_busy() -> None:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                tasks = cluster.scheduler.tasks.values()
-                n_done = sum(ts.state == "memory" for ts in tasks if ts.key.startswith("kill-"))
-                if n_done >= 3 and cluster.scheduler.workers.get(victim_addr) and \
-                        cluster.scheduler.workers[victim_addr].processing:
-                    killed["done_before"] = n_done
-                    os.kill(victim_pid, signal.SIGKILL)
-                    return
-                time.sleep(0.02)
-
-        killer = threading.Thread(target=kill_when_busy)
-        killer.start()
-        results, summary = run_tasks(client, sum, args, label="kill", log=lambda m: None)
-        killer.join()
-        assert "done_before" in killed and killed["done_before"] < len(args), killed
-        assert not psutil.pid_exists(victim_pid) or psutil.Process(victim_pid).status() == psutil.STATUS_ZOMBIE
-        assert results == [expected_sum(i, n) for i in range(24)]
-        assert summary.n_tasks == 24
+        assert dashboard_address("127.0.0.1") == f"127.0.0.1:{free}"
 
 
 # --- TLS --------------------------------------------------------------------------------------
@@ -393,7 +272,7 @@ def test_tls_scheduler_needs_the_security_object():
         addr = cluster.scheduler_address
         assert addr.startswith("tls://127.0.0.1:")
         with cluster_client(scheduler=addr, security=sec, log=lambda m: None) as client:
-            results, _ = run_tasks(client, operator.add, [(1, 2), (5, 5)], label="tls", log=lambda m: None)
+            results, _ = watch(client, client.map(operator.add, [1, 5], [2, 5]), label="tls", log=lambda m: None)
             assert results == [3, 10]
         with pytest.raises(ParticleError, match="speaks TLS: give its credentials"):   # no security
             with cluster_client(scheduler=addr, log=lambda m: None):

@@ -27,7 +27,8 @@ import psutil
 import pytest
 from distributed import LocalCluster
 
-from dparticles.cluster import cluster_client, run_tasks
+from dparticles.cluster import cluster_client
+from dparticles.progress import watch
 
 OTHER_USER = "nobody"
 
@@ -183,7 +184,7 @@ def test_other_account_cannot_connect_to_the_embedded_cluster(as_other_user):
         assert len(attempts) == 1 + 3 + 3 * 3 + 1
 
         # our own client still works, during and after the attempts
-        results, _ = run_tasks(client, operator.add, [(1, 2), (3, 4)], label="own", log=log.append)
+        results, _ = watch(client, client.map(operator.add, [1, 3], [2, 4]), label="own", log=log.append)
         assert results == [3, 7]
 
         # the dashboard: plain HTTP on 127.0.0.1 only, URL printed

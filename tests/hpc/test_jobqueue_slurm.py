@@ -4,7 +4,7 @@ On the one-node SLURM cluster (tests marked ``slurm``): jobs that can never star
 pending with SLURM's reason and given up in one line, their jobs cancelled; a request SLURM refuses
 fails at once in one line; a request that fits runs a restack from a project directory with relative
 paths, as an embedded cluster does. This file runs before test_slurm.py, whose worker jobs hold every
-CPU of the node. The rest (argument checks, queue output parsing) needs no SLURM.
+CPU of the node. The rest (argument checks, queue output parsing) needs no SLURM: tests/test_jobqueue.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from test_remote import COMMANDS, assert_same_relative, command, reference_project
 
-from dparticles import cluster as cluster_module
 from dparticles.cluster import cluster_client
 from dparticles.errors import ParticleError
 
@@ -185,49 +184,3 @@ def test_sbatch_script_in_jobqueue_mode_submits_worker_jobs_from_its_job(project
 def squeue_jobs_by_id(job: str) -> list[str]:
     out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True, timeout=20)
     return out.stdout.splitlines()
-
-
-# --- no SLURM needed ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("kwargs,match", [
-    ({"jobqueue": "lsf"}, "jobqueue must be one of slurm, pbs"),
-    ({"jobqueue": "slurm", "jobs": 0}, "jobs must be a whole number"),
-    ({"queue": "debug"}, "queue: unknown cluster keywords"),
-    ({"jobqueue": "slurm", "scheduler": "tcp://127.0.0.1:1"}, "not both"),
-])
-def test_bad_jobqueue_arguments_fail_before_anything_is_submitted(kwargs, match):
-    with pytest.raises(ParticleError, match=match):
-        with cluster_client(log=lambda m: None, **kwargs):
-            pass
-
-
-def test_bad_durations_in_the_config_are_named(monkeypatch):
-    import dask
-
-    with dask.config.set({"dparticles.cluster.start-timeout": "soon"}):
-        with pytest.raises(ParticleError, match="start-timeout must be a positive duration.*cluster.start-timeout"):
-            with cluster_client(jobqueue="slurm", log=lambda m: None):
-                pass
-
-
-def test_squeue_and_qstat_output_become_states_and_reasons():
-    assert cluster_module._parse_squeue("17 PENDING PartitionConfig\n18 RUNNING None\n") == {
-        "17": ("PENDING", "PartitionConfig"), "18": ("RUNNING", "None")}
-    qstat = ("Job Id: 4242.pbs01\n    Job_Name = dparticles-worker\n    job_state = Q\n"
-             "    comment = Not Running: Insufficient amount of resource: ncpus (R: 4 A: 1 T\n"
-             "\t: 1)\n    queue = workq\n\n"
-             "Job Id: 4243.pbs01\n    job_state = R\n")
-    states = cluster_module._parse_qstat(qstat)
-    assert states == {"4242": ("PENDING", "Not Running: Insufficient amount of resource: ncpus (R: 4 A: 1 T: 1)"),
-                      "4243": ("RUNNING", "None")}
-    text = cluster_module._describe_jobs("pbs", ["4242", "4243", "4244"], states, "4 cores")
-    assert text == ("1 job pending (Not Running: Insufficient amount of resource: ncpus (R: 4 A: 1 T: 1)), "
-                    "1 job running, no worker connected yet, 1 job no longer in the queue")
-    slurm = cluster_module._describe_jobs("slurm", ["1", "2"], {"1": ("PENDING", "Priority"),
-                                                                "2": ("PENDING", "QOSMaxJobsPerUserLimit")}, "x")
-    assert slurm == ("1 job pending (Priority: other jobs come first), 1 job pending (QOSMaxJobsPerUserLimit: "
-                     "a limit of your account or QOS; ask for fewer or smaller jobs)")
-    assert cluster_module._describe_jobs("slurm", ["1"], None, "x") == "1 job submitted (squeue not available here to say more)"
-    assert cluster_module._ended({"1": ("COMPLETED", "None")}, ["1", "2"])
-    assert not cluster_module._ended({"1": ("PENDING", "Resources")}, ["1", "2"])
-    assert not cluster_module._ended(None, ["1"])
