@@ -65,15 +65,6 @@ def _largest(fits: Callable[[int], bool], top: int) -> int:
     return lo
 
 
-class ChunkReads(NamedTuple):
-    """What one chunk reads (``plan_reads``): ``runs``, rows ``(stack_id, start, stop)`` sorted by
-    stack then image, each one read of consecutive images; ``order``, for each particle of the chunk
-    in metadata order, its row among the images read (None when that is the identity)."""
-
-    runs: np.ndarray
-    order: np.ndarray | None
-
-
 class ReadPlan(NamedTuple):
     """What every chunk reads (``plan_chunks``), as a few flat arrays rather than an object per chunk.
 
@@ -93,48 +84,13 @@ class ReadPlan(NamedTuple):
 BLOCK = 2**18  # particles planned at a time: the temporaries are a few dozen bytes each, whatever the set
 
 
-def plan_reads(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) -> list[ChunkReads]:
-    """For each chunk ``[bounds[k], bounds[k+1])``, its reads in source order and the way back.
+def plan_chunks(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) -> ReadPlan:
+    """For each chunk ``[bounds[k], bounds[k+1])``, its reads in source order and the way back, as a
+    few flat arrays for every chunk at once (see ``ReadPlan``).
 
     The chunk's particles are sorted (stably) by ``(stack_id, image_index)``; an image listed twice
     is read once; neighbouring images of one stack make one run. ``images_read[order]`` is the
-    chunk in metadata order. Arrays are compact (the smallest integer type that holds them).
-    ``plan_chunks`` gives the same as flat arrays, without an object per chunk.
-
-    | chunk | particles (stack, index) | runs (stack, start, stop) | order     |
-    |-------|--------------------------|---------------------------|-----------|
-    | 0     | (1,4) (0,7) (0,6)        | (0,6,8) (1,4,5)           | 2 1 0     |
-    | 1     | (1,3) (0,7)              | (0,7,8) (1,3,4)           | 1 0       |
-
-    >>> c0, c1 = plan_reads(np.array([1, 0, 0, 1, 0]), np.array([4, 7, 6, 3, 7]), np.array([0, 3, 5]))
-    >>> c0.runs.tolist(), c0.order.tolist()
-    ([[0, 6, 8], [1, 4, 5]], [2, 1, 0])
-    >>> c1.runs.tolist(), c1.order.tolist()
-    ([[0, 7, 8], [1, 3, 4]], [1, 0])
-
-    Duplicates are read once; particles already in source order need no reordering:
-
-    >>> dup, = plan_reads(np.array([0, 0, 0]), np.array([5, 4, 5]), np.array([0, 3]))
-    >>> dup.runs.tolist(), dup.order.tolist()
-    ([[0, 4, 6]], [1, 0, 1])
-    >>> same, = plan_reads(np.array([0, 0, 1]), np.array([2, 3, 0]), np.array([0, 3]))
-    >>> same.runs.tolist(), same.order is None
-    ([[0, 2, 4], [1, 0, 1]], True)
-    """
-    plan = plan_chunks(stack_ids, indices, bounds)
-    if not len(plan.reorder):
-        return []
-    runs = plan.runs.astype(_compact([_top(plan.stacks), _top(plan.runs)]))
-    out = []
-    for j, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
-        r = runs[plan.run_bounds[j]:plan.run_bounds[j + 1]].copy()
-        r[:, 0] = plan.stacks[plan.stack_bounds[j]:plan.stack_bounds[j + 1]][r[:, 0]]
-        out.append(ChunkReads(r, plan.order[a:b].astype(_compact(b - a)) if plan.reorder[j] else None))
-    return out
-
-
-def plan_chunks(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) -> ReadPlan:
-    """``plan_reads`` for every chunk at once, as flat arrays (see ``ReadPlan``).
+    chunk in metadata order.
 
     Planned ``BLOCK`` particles (whole chunks) at a time, so that the sort and its temporaries take
     tens of MB whatever the number of particles; what is kept is compact: ``order`` in the smallest
@@ -146,6 +102,15 @@ def plan_chunks(stack_ids: np.ndarray, indices: np.ndarray, bounds: np.ndarray) 
     ([[0, 6, 8], [1, 4, 5], [0, 7, 8], [1, 3, 4]], [0, 2, 4], [0, 1, 0, 1], [0, 2, 4])
     >>> p.order.tolist(), p.reorder.tolist()
     ([2, 1, 0, 1, 0], [True, True])
+
+    Duplicates are read once; particles already in source order need no reordering:
+
+    >>> dup = plan_chunks(np.array([0, 0, 0]), np.array([5, 4, 5]), np.array([0, 3]))
+    >>> dup.runs.tolist(), dup.order.tolist(), dup.reorder.tolist()
+    ([[0, 4, 6]], [1, 0, 1], [True])
+    >>> same = plan_chunks(np.array([0, 0, 1]), np.array([2, 3, 0]), np.array([0, 3]))
+    >>> same.runs.tolist(), same.stacks.tolist(), same.reorder.tolist()
+    ([[0, 2, 4], [1, 0, 1]], [0, 1], [False])
     """
     stack_ids, indices = (a if a.dtype.kind in "iu" else a.astype(np.int64) for a in map(np.asarray, (stack_ids, indices)))
     bounds = np.asarray(bounds, dtype=np.int64)
