@@ -1,6 +1,7 @@
-"""dparticles.ops: lazy transforms equal the numpy kernels over any chunking, read nothing when built,
-update the metadata, check their arguments before building a graph, and several sizes share one read
-and one forward FFT per image."""
+"""dparticles.ops: lazy transforms equal the numpy kernels over any chunking (each op on its own kernel
+byte for byte the fused pass it used to be), read nothing when built, update the metadata, check their
+arguments before building a graph, and several sizes share one read and one forward FFT per image;
+map_particles runs one's own kernel."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
+from dask.array.utils import assert_eq
 from helpers import simple_set
 
 from dparticles import kernels, ops
@@ -83,6 +85,65 @@ def test_equals_kernels_whatever_the_chunking(star, case, chunks):
     for g, w in zip(got, want):
         assert g["images"].data.chunks[0] == ds["images"].data.chunks[0]
         assert_close(g, w)
+
+
+def fused(ds: xr.Dataset, *, boxes: tuple[int, ...], crop_box: int | None = None, lowpass: float | None = None,
+          recenter: bool = False) -> np.ndarray:
+    """The fused pass (kernels.downsample_chunk) over the whole computed input in one call: what every op
+    computed before each had its own kernel (its output does not depend on the chunking)."""
+    psize = ds["pixel_size"].values
+    shifts = [ds["shift_x"].values / psize, ds["shift_y"].values / psize] if recenter else []
+    return kernels.downsample_chunk(ds["images"].values, psize, *shifts, crop_box=crop_box, boxes=boxes,
+                                    lowpass=lowpass)[0]
+
+
+# (name, op, the same request to the fused pass)
+OWN_KERNELS = [
+    ("crop", lambda ds: ops.crop(ds, 12), {"crop_box": 12, "boxes": (12,)}),
+    ("pad", lambda ds: ops.crop(ds, 21), {"crop_box": 21, "boxes": (21,)}),
+    ("fourier-crop", lambda ds: ops.fourier_crop(ds, 8), {"boxes": (8,)}),
+    ("fourier-pad", lambda ds: ops.fourier_crop(ds, 20), {"boxes": (20,)}),
+    ("fourier-crop-odd", lambda ds: ops.fourier_crop(ds, 9), {"boxes": (9,)}),
+    ("fourier-same-box", lambda ds: ops.fourier_crop(ds, 16), {"boxes": (16,)}),
+    ("lowpass", lambda ds: ops.lowpass(ds, 4.0), {"boxes": (16,), "lowpass": 4.0}),
+    ("recenter", lambda ds: ops.recenter(ds, micrograph_pixel_size=1.0), {"boxes": (16,), "recenter": True}),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Fourier box")
+@pytest.mark.parametrize("chunks", [1, 3, 5, 12], ids=lambda c: f"chunks{c}")
+@pytest.mark.parametrize("case", OWN_KERNELS, ids=[c[0] for c in OWN_KERNELS])
+def test_each_op_equals_the_fused_pass_byte_for_byte(star, case, chunks):
+    ds = open_particles(star, chunks=chunks)
+    _, op, request = case
+    got, want = op(ds)["images"].data, fused(ds, **request)
+    assert_eq(got, want)  # dask's check: chunks, dtype and meta as computed, values equal
+    assert got.compute().tobytes() == want.tobytes()
+
+
+def test_map_particles_runs_ones_own_kernel_with_the_metadata_kept(star):
+    ds = open_particles(star, chunks=5)
+    inverted = ds.assign(images=(("particle", "y", "x"), ops.map_particles(ds, lambda images: -images)))
+    assert inverted["images"].data.chunks == ds["images"].data.chunks
+    assert_eq(inverted["images"].data, -ds["images"].values)
+    xr.testing.assert_identical(inverted.drop_vars("images"), ds.drop_vars("images"))
+    assert inverted.attrs == ds.attrs
+
+
+def test_map_particles_passes_per_particle_values_and_fits_the_budget(star):
+    """A kernel given each particle's pixel size (one value for all with one optics group), a new box,
+    and its peak: 1 MB a particle under 75% of 4 MB makes tasks of 3."""
+    ds = open_particles(star, chunks=12)
+    psize = ds["pixel_size"].values
+
+    def scaled(images: np.ndarray, p: np.ndarray) -> np.ndarray:
+        return kernels.crop_pad(images, 8) * p[:, None, None].astype(np.float32)
+
+    with dask.config.set({"dparticles.memory-budget": "4MB"}):
+        got = ops.map_particles(ds, scaled, out_box=8, per_particle=[psize], peak=lambda n: n * 10**6)
+    assert got.chunks == ((3, 3, 3, 3), (8,), (8,))
+    want = kernels.crop_pad(ds["images"].values, 8) * psize[:, None, None].astype(np.float32)
+    assert_eq(got, want)
 
 
 def test_optics_groups_get_their_own_filter(tmp_path):
@@ -162,6 +223,7 @@ def test_metadata_updated_and_everything_else_kept(real):
     before = ds.copy(deep=True)
     outs = ops.downsample(ds, crop_box=100, fourier_box=[64, 50], recenter=True)
     changed = ["pixel_size", "box", "shift_x", "shift_y", "coord_x", "coord_y"]
+    pixels = ["y", "x"]  # the images and anything on their pixel grid, which the new box replaces
     psize = ds["pixel_size"].values
     mic = 0.7  # star_optics:rlnMicrographOriginalPixelSize, the only evidence in this file
     for out, b in zip(outs, [64, 50]):
@@ -173,8 +235,9 @@ def test_metadata_updated_and_everything_else_kept(real):
         for axis in "xy":
             np.testing.assert_allclose(out[f"coord_{axis}"].values,
                                        ds[f"coord_{axis}"].values - ds[f"shift_{axis}"].values / mic, rtol=1e-15)
-        xr.testing.assert_equal(out.drop_vars(changed + ["images"]), ds.drop_vars(changed + ["images"]))
-        assert set(out.coords) == set(ds.coords)  # stack_path, image_index, ...: the sources stay known
+        kept, before_kept = out.drop_vars(changed).drop_dims(pixels), ds.drop_vars(changed).drop_dims(pixels)
+        xr.testing.assert_equal(kept, before_kept)
+        assert set(kept.coords) == set(before_kept.coords)  # stack_path, image_index, ...: the sources stay known
         assert out.attrs == ds.attrs | {"micrograph_pixel_size_from": "star_optics:rlnMicrographOriginalPixelSize"}
     assert ds.attrs == before.attrs
     xr.testing.assert_identical(ds.drop_vars("images"), before.drop_vars("images"))  # the input is untouched
