@@ -85,7 +85,7 @@ def particle_set(data: Path, gb: float | None = None, *, n_stacks: int | None = 
         return ps
     print(f"generating {ps.n} images of {BOX}x{BOX} float32 in {n_stacks} stacks "
           f"({ps.n * IMAGE_BYTES / 1e9:.2f} GB) under {ps.root}", flush=True)
-    from dparticles.io.mrc import stack_header
+    from dparticles.formats.mrc import stack_header
 
     (ps.root / "Extract").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -321,7 +321,7 @@ def split_runs(runs: list[tuple], max_images: int) -> list[list[tuple]]:
 def copy_loop(star: Path, out: Path, batch: int, fsync: bool) -> dict:
     """Reference: the particles' bytes moved with os.copy_file_range, one output file per batch
     (header from dparticles' stack_header, so the files are valid stacks like dparticles')."""
-    from dparticles.io.mrc import stack_header
+    from dparticles.formats.mrc import stack_header
 
     runs = _runs(star)
     out.mkdir(parents=True, exist_ok=True)
@@ -364,7 +364,7 @@ def fft_loop(star: Path, out: Path, box: int, lowpass: float | None, recenter: b
     import ducc0.fft
 
     from dparticles import kernels
-    from dparticles.io.mrc import stack_header
+    from dparticles.formats.mrc import stack_header
 
     runs = _runs(star)
     shifts = _origins(star) / PIXEL_SIZE if recenter else None

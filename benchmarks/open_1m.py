@@ -33,7 +33,7 @@ def generate(folder: Path) -> Path:
         return star
     import pandas as pd
 
-    from dparticles.io.mrc import stack_header
+    from dparticles.formats.mrc import stack_header
 
     stacks = folder / "Extract" / "job001" / "Movies"
     stacks.mkdir(parents=True, exist_ok=True)

@@ -92,40 +92,49 @@ def _bytes(buf: np.ndarray) -> memoryview:
 
 
 def _metadata_runs(stack_ids: np.ndarray, indices: np.ndarray) -> list[tuple[int, int, int]]:
-    from dparticles.planning import plan_runs
+    """Runs of neighbouring images of one stack in metadata order, ``(stack, start, stop)``."""
+    new = np.flatnonzero((np.diff(stack_ids) != 0) | (np.diff(indices) != 1)) + 1
+    starts, stops = np.concatenate([[0], new]), np.concatenate([new, [len(indices)]])
+    return list(zip(stack_ids[starts].tolist(), indices[starts].tolist(), (indices[stops - 1] + 1).tolist()))
 
-    return plan_runs(stack_ids, indices, np.array([0, len(indices)]))[0]
+
+def _source_order(stack_ids: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """All particles as one chunk, planned as lazy_images plans a chunk: runs in source order (with
+    the stacks' own numbers) and the order that puts the images read back in metadata order."""
+    from dparticles.planning import plan_chunks
+
+    plan = plan_chunks(stack_ids, indices, np.array([0, len(indices)]))
+    runs = plan.runs.astype(np.int64)
+    runs[:, 0] = plan.stacks[runs[:, 0]]
+    return runs, plan.order if plan.reorder[0] else None
 
 
 def prepare(method: str, infos, stack_ids: np.ndarray, indices: np.ndarray):
-    from dparticles.planning import plan_reads
-
     if method == PER_PARTICLE:
         return list(zip(stack_ids.tolist(), indices.tolist()))
     if method in (PER_RUN, MMAP):
         return _metadata_runs(stack_ids, indices)
-    (reads,) = plan_reads(stack_ids, indices, np.array([0, len(indices)]))
+    runs, order = _source_order(stack_ids, indices)
     if method == GATHER:
-        return reads.runs.tolist(), reads.order
+        return runs.tolist(), order
     if method == SCATTER:
-        order = np.arange(len(indices)) if reads.order is None else reads.order.astype(np.int64)
+        order = np.arange(len(indices)) if order is None else order.astype(np.int64)
         if len(np.unique(order)) != len(order):
             raise SystemExit("the scattered loop takes no duplicates")
         dest = np.argsort(order)  # metadata row of each image read, in reading order
         out, pos = [], 0
-        for s, a, b in reads.runs.tolist():
+        for s, a, b in runs.tolist():
             out.append((s, a, dest[pos:pos + b - a].tolist()))
             pos += b - a
         return out
-    used, local = np.unique(reads.runs[:, 0], return_inverse=True)  # as lazy_images does
-    runs = reads.runs.copy()
+    used, local = np.unique(runs[:, 0], return_inverse=True)  # as lazy_images does
     runs[:, 0] = local
-    return tuple(infos[s] for s in used.tolist()), runs, reads.order
+    return tuple(infos[s] for s in used.tolist()), runs, order
 
 
 def read(method: str, infos, plan, n: int) -> np.ndarray:
     if method == DPARTICLES:
-        from dparticles.io.mrc import read_chunk
+        from dparticles.formats.mrc import read_chunk
 
         stacks, runs, order = plan
         return read_chunk(stacks, runs, order, "<f4")
@@ -175,7 +184,7 @@ def _full(got: int, want: int) -> None:
 
 
 def _mmap_read(runs, dtype: str) -> np.ndarray:
-    """The earlier ``dparticles.io.mrc.read_runs``, as it was: an mrcfile memory map per stack for
+    """The earlier ``dparticles.formats.mrc.read_runs``, as it was: an mrcfile memory map per stack for
     each group of consecutive runs, slices copied out."""
     import mrcfile
 
@@ -206,7 +215,7 @@ def _status(key: str) -> int:
 
 
 def child(a: argparse.Namespace) -> dict:
-    from dparticles.io.mrc import read_info
+    from dparticles.formats.mrc import read_info
 
     ps = common.particle_set(a.data, a.gb)
     infos = [read_info(str(ps.root / s)) for s in ps.stacks]

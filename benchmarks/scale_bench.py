@@ -1,5 +1,5 @@
 """Ten million particles on a laptop: ``open_particles``, ``dparticles info --json`` and writing
-``particles.star`` (through ``dparticles.output.write_metadata``) at 1M and 10M particles, in file
+``particles.star`` (through ``dparticles.store.write_metadata``) at 1M and 10M particles, in file
 order and shuffled.
 
     python benchmarks/scale_bench.py [--sizes 1e6 1e7] [--data bench-data/scale] [--layout relion|compact]
@@ -7,7 +7,7 @@ order and shuffled.
 Each size is a RELION 3.1 set of N particles in N / 100 stacks of 167 images of 256 x 256 float32,
 100 of each stack listed (60%, at random places), in one ``particles.star`` (15 columns: image and
 micrograph names, coordinates, CTF, angles, origins, class, random subset, optics group). The stacks
-are sparse files (a real header from ``dparticles.io.mrc.stack_header``, the size set with truncate:
+are sparse files (a real header from ``dparticles.formats.mrc.stack_header``, the size set with truncate:
 44 MB each on paper, 4 kB on disk), shared by the sizes, and deleted at the end with the STAR files
 (``--keep`` keeps them). The same particles are listed twice: in file order and shuffled.
 ``--layout relion`` (default) writes fields as RELION does (right-aligned, 6 decimals, about 270 bytes a
@@ -56,7 +56,7 @@ def stack_name(k: int) -> str:
 
 def make_stacks(root: Path, n_stacks: int) -> None:
     """Sparse stacks 0 .. n_stacks-1 under ``root`` (those already there are kept)."""
-    from dparticles.io.mrc import stack_header
+    from dparticles.formats.mrc import stack_header
 
     header = stack_header(PER_STACK, BOX, np.float32, 1.1, "dparticles scale benchmark")
     size = 1024 + PER_STACK * BOX * BOX * 4
@@ -197,7 +197,7 @@ def child(step: str, star: Path, out: Path | None) -> dict:
     import xarray  # noqa: F401
 
     from dparticles.dataset import open_particles
-    from dparticles.output import write_metadata
+    from dparticles.store import write_metadata
 
     imports, base = time.perf_counter() - t0, rss()
     if step == "baseline":

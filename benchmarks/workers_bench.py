@@ -72,12 +72,13 @@ def _cpu() -> float:
 
 def loop_in_worker(star: str, out: str, box: int) -> dict:
     """``common.fft_loop`` (1 thread, fsync, dparticles' kernels) as one task on a 1 x 1 cluster."""
-    from dparticles.cluster import cluster_client, run_tasks
+    from dparticles.cluster import cluster_client
+    from dparticles.progress import watch
 
-    with cluster_client(n_workers=1, threads_per_worker=1, log=_quiet) as client:
+    with cluster_client(n_workers=1, threads_per_worker=1, processes=True, log=_quiet) as client:
         client.wait_for_workers(1)
-        results, summary = run_tasks(client, common.fft_loop, [(Path(star), Path(out), box, None, False, 1, True,
-                                                                True)], label="loop", log=_quiet)
+        future = client.submit(common.fft_loop, Path(star), Path(out), box, None, False, 1, True, True, pure=False)
+        results, summary = watch(client, [future], label="loop", log=_quiet)
     return dict(results[0], worker_peak=summary.peak_worker_memory_bytes)
 
 
@@ -93,7 +94,7 @@ def job(star: str, out: str, box: int, workers: int, batch: int) -> dict:
     from dparticles.store import to_stacks
 
     with dask.config.set({"dparticles.report": False}), \
-            cluster_client(n_workers=workers, threads_per_worker=1, log=_quiet) as client:
+            cluster_client(n_workers=workers, threads_per_worker=1, processes=True, log=_quiet) as client:
         client.wait_for_workers(workers)
         cpu0 = client.run(_cpu), _cpu()  # the workers; this process, which also runs the scheduler
         t0 = time.perf_counter()
@@ -165,7 +166,7 @@ def commands(ps: common.ParticleSet, box: int, batch: int, out: Path) -> dict[st
 
 def read_outputs(folder: Path) -> np.ndarray:
     """Every image of the ``.mrcs`` files under ``folder``, in name order (the loop's stacks, or the job's batches)."""
-    from dparticles.io.mrc import read_chunk, read_info
+    from dparticles.formats.mrc import read_chunk, read_info
 
     infos = [read_info(str(p)) for p in sorted(folder.rglob("*.mrcs"))]
     return np.concatenate([read_chunk([info], [(0, 0, info.n)]) for info in infos])

@@ -1,7 +1,7 @@
 """dparticles: lazy, chunked cryo-EM particle stacks on Dask.
 
 The public Python API, which the command line and the notebooks use. Names are imported on first
-use, so that dask workers, which only need ``dparticles.writer``, start without loading the rest.
+use, so that dask workers, which only need ``dparticles.formats.mrc``, start without loading the rest.
 """
 
 from importlib import import_module

@@ -1,6 +1,7 @@
-"""The xarray backend: ``xr.open_dataset("particles.star", engine="dparticles")`` opens RELION
-``.star``, CryoSPARC ``.cs`` and dparticles output folders as :func:`dparticles.open_particles` does
-(images lazy, metadata as coordinates), the way xarray users open any format."""
+"""The xarray backend: ``xr.open_dataset("particles.star", engine="dparticles")`` opens what
+:func:`dparticles.open_particles` opens (every engine of :mod:`dparticles.formats`: RELION ``.star``,
+CryoSPARC ``.cs``, bare stacks, output folders, zarr caches), images lazy, metadata as coordinates,
+the way xarray users open any format."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from xarray.backends import BackendEntrypoint
 class DparticlesBackend(BackendEntrypoint):
     """``engine="dparticles"``; keyword arguments are those of :func:`dparticles.open_particles`."""
 
-    description = "Cryo-EM particle stacks: RELION .star, CryoSPARC .cs and dparticles outputs, read lazily"
+    description = "Cryo-EM particle stacks: RELION .star, CryoSPARC .cs, bare .mrcs stacks and dparticles outputs, read lazily"
     url = "https://pypi.org/project/dparticles/"
     open_dataset_parameters = ("filename_or_obj", "drop_variables", "data_dir", "pixel_size", "voltage", "cs",
                                "amp_contrast", "dose", "sign", "ignore_raw", "ignore_pose", "particle_chunks")
@@ -30,10 +31,10 @@ class DparticlesBackend(BackendEntrypoint):
         return ds
 
     def guess_can_open(self, filename_or_obj) -> bool:
+        from dparticles import formats
+        from dparticles.errors import ParticleError
+
         try:
-            path = Path(os.fspath(filename_or_obj))
-        except TypeError:
+            return formats.engine_for(formats.resolve(Path(os.fspath(filename_or_obj)))) is not None
+        except (TypeError, ParticleError):
             return False
-        if path.suffix.lower() in (".star", ".cs"):
-            return True
-        return path.is_dir() and any((path / name).is_file() for name in ("particles.star", "particles.cs"))

@@ -33,12 +33,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from dparticles import formats
 from dparticles.errors import ParticleError
-from dparticles.formats.cryosparc import from_cs, read_cs
-from dparticles.formats.relion import from_star, read_star
-from dparticles.io.zarr_cache import open_zarr
 from dparticles.metadata import POSE, UNITS, Table, assign, categorical
-from dparticles.stack import check_indices, lazy_images, read_infos, resolve_stacks, search_roots
+from dparticles.stack import SOURCE_READ, check_indices, lazy_images, read_infos, resolve_stacks, search_roots
 
 CHUNK_BYTES = 64 * 2**20  # default dask chunk: a few tens of MB of images, whatever the box
 OVERRIDES = {"pixel_size": "pixel size (Å)", "voltage": "voltage (kV)", "cs": "Cs (mm)",
@@ -50,7 +48,8 @@ def open_particles(path: str | os.PathLike, *, data_dir: str | os.PathLike | Non
                    amp_contrast: float | None = None, dose: float | None = None, sign: int | None = None,
                    ignore_raw: bool = False, ignore_pose: bool = False, apply_sign: bool = False,
                    chunks: int | None = None) -> xr.Dataset:
-    """Open a RELION ``.star``, a CryoSPARC ``.cs``, a dparticles output folder or zarr cache.
+    """Open a RELION ``.star``, a CryoSPARC ``.cs``, a bare ``.mrcs``/``.mrc`` stack, a dparticles
+    output folder or a zarr cache, through the engine of :mod:`dparticles.formats` that reads it.
 
     Microscope values given here override the file's. ``sign`` sets the data sign (+1 dark
     particles on a light background, -1 the reverse); ``apply_sign`` returns images multiplied by it
@@ -58,26 +57,14 @@ def open_particles(path: str | os.PathLike, *, data_dir: str | os.PathLike | Non
     ``chunks`` is the number of particles per dask chunk (default: about 64 MB of images).
     Raises :class:`ParticleError` naming the file and particle for any inconsistency.
     """
-    path = Path(path)
-    if path.is_dir():
-        if _is_zarr(path):
-            ds = open_zarr(path)
-            return _finish(ds, apply_sign)
-        for name in ("particles.star", "particles.cs"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise ParticleError("folder holds no particles.star, particles.cs or zarr cache", path=path)
-    suffix = path.suffix.lower()
-    if suffix == ".star":
-        table = from_star(read_star(path, compact=True), path)
-    elif suffix == ".cs":
-        table = from_cs(read_cs(path), path)
-    elif path.exists():
-        raise ParticleError("unknown particle metadata format; expected .star, .cs or a zarr cache", path=path)
-    else:
-        raise ParticleError("no such file", path=path)
+    path = formats.resolve(Path(path))
+    engine = formats.engine_for(path)
+    if engine is None:
+        raise ParticleError(f"unknown particle format; expected {formats.known()}" if path.exists()
+                            else "no such file", path=path)
+    if hasattr(engine, "open_dataset"):  # the images are in the file itself
+        return _finish(engine.open_dataset(path), apply_sign)
+    table = engine.open_table(path)
     table.attrs["source"] = str(path.resolve())
     particles = _apply_options(table, path, locals_=dict(pixel_size=pixel_size, voltage=voltage, cs=cs,
                                                          amp_contrast=amp_contrast, dose=dose),
@@ -119,7 +106,8 @@ def _apply_options(table: Table, path: Path, locals_: dict, *, sign: int | None,
     elif not ignore_raw:
         hint = ("rlnOpticsGroup is given but the data_optics block is missing; "
                 if table.attrs["format"] == "relion-3.1" else "")
-        raise ParticleError(f"{hint}no pixel size: expected rlnImagePixelSize in data_optics, rlnDetectorPixelSize "
+        raise ParticleError(table.attrs.get("no_pixel_size") or
+                            f"{hint}no pixel size: expected rlnImagePixelSize in data_optics, rlnDetectorPixelSize "
                             "and rlnMagnification, or blob/psize_A; give one with --pixel-size", path=path)
     for axis in "xy":  # pixel-valued origins waited for the pixel size
         if f"_origin_px_{axis}" in p:
@@ -177,8 +165,9 @@ def _attach_images(ds: xr.Dataset, p: pd.DataFrame, path: Path, data_dir, chunks
                           stack_images=("stack", np.array([i.n for i in infos], dtype=np.int64)),
                           stack_offset=("stack", np.array([i.offset for i in infos], dtype=np.int64)),
                           stack_dtype=("stack", np.array([i.dtype for i in infos], dtype=object)))
-    ds["images"] = (("particle", "y", "x"), images)
-    return ds
+    # the pixels as the stacks hold them: y and x numbered, the read named (what lets a store copy bytes)
+    ds["images"] = xr.Variable(("particle", "y", "x"), images, attrs={SOURCE_READ: images.name})
+    return ds.assign_coords(y=np.arange(box), x=np.arange(box))
 
 
 def _check_stated_box(p: pd.DataFrame, box: np.ndarray, stack_ids: np.ndarray, infos, path: Path) -> None:
@@ -271,10 +260,6 @@ def _finish(ds: xr.Dataset, apply_sign: bool) -> xr.Dataset:
         signed = ds["images"] * ds["sign"].astype(ds["images"].dtype)
         ds = ds.assign(images=signed.transpose("particle", "y", "x"))
     return ds
-
-
-def _is_zarr(path: Path) -> bool:
-    return any((path / marker).exists() for marker in ("zarr.json", ".zgroup", ".zattrs"))
 
 
 def table(ds: xr.Dataset, skip: tuple[str, ...] = ()) -> pd.DataFrame:

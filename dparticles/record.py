@@ -40,9 +40,8 @@ import xarray as xr
 from dask.utils import format_bytes, parse_timedelta
 
 from dparticles import config
-from dparticles.io.mrc import read_info
-from dparticles.output import atomic_write
-from dparticles.writer import write_record
+from dparticles.formats.mrc import read_info
+from dparticles.safe import atomic_write, write_record
 
 JOB_FILE, NOTE_FILE, REPORT_FILE = "job.json", "note.txt", "report.html"
 METADATA_FILES = ("particles.star", "particles.cs")
@@ -98,7 +97,7 @@ def pixel_sizes(ds: xr.Dataset, box_in: int | None, crop_box: int | None = None)
 
 
 def throughput(particles: int, summary) -> dict | None:
-    """Particles and megabytes written per second of the run's tasks (:class:`~dparticles.cluster.RunSummary`)."""
+    """Particles and megabytes written per second of the run's tasks (:class:`~dparticles.progress.RunSummary`)."""
     if summary is None or not summary.seconds:
         return None
     return {"particles_per_s": round(particles / summary.seconds, 1),

@@ -13,7 +13,7 @@ import numpy as np
 from dask.base import tokenize
 
 from dparticles.errors import ParticleError
-from dparticles.io.mrc import StackInfo, read_chunk, read_headers
+from dparticles.formats.mrc import StackInfo, read_chunk, read_headers
 from dparticles.planning import chunk_bounds, plan_chunks
 
 
@@ -138,11 +138,7 @@ def check_indices(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np
                                 "square particle images", path=metadata_path, particle=row + 1)
 
 
-def stack_infos(ds) -> list[StackInfo]:
-    """The source stacks of an opened dataset as their headers described them at opening (no I/O)."""
-    return [StackInfo(path=str(p), n=int(n), ny=ds.sizes["y"], nx=ds.sizes["x"], dtype=str(d), offset=int(o))
-            for p, n, d, o in zip(ds["stack_path"].values, ds["stack_images"].values, ds["stack_dtype"].values,
-                                  ds["stack_offset"].values)]
+SOURCE_READ = "source_read"  # images.attrs key: the name of open_particles' read layer (see store.is_source_read)
 
 
 def lazy_images(infos: Sequence[StackInfo], stack_ids: np.ndarray, indices: np.ndarray,

@@ -26,25 +26,28 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
+from dask.utils import key_split
 from dask.highlevelgraph import HighLevelGraph
 
 from dparticles import __version__, config
-from dparticles.cluster import RunSummary, cluster_client, reset_worker_peaks, watch
+from dparticles.cluster import cluster_client
 from dparticles.errors import ParticleError
-from dparticles.output import project_path, prepare_output, refuse_inputs, remove_temporaries, write_metadata
-from dparticles.output import hold_outputs, refuse_overlaps
-from dparticles.sinks import check_zarr_target, finish_zarr, prepare_zarr
-from dparticles.io.mrc import HEADER_BYTES, stack_header
+from dparticles.dataset import table
+from dparticles.stack import SOURCE_READ
+from dparticles import formats
+from dparticles.formats.mrc import (HEADER_BYTES, copy_segments, finish_file, record_path, stack_header, verify_copy,
+                                    verify_record, write_segments)
+from dparticles.formats.zarr import check_zarr_target, finish_zarr, prepare_zarr
+from dparticles.metadata import assign
+from dparticles.safe import (RECORDS, atomic_write, hold_outputs, is_regular, prepare_output, read_json, refuse_inputs,
+                             refuse_overlaps, remove_temporaries)
 from dparticles.planning import byte_runs, chunk_bounds
+from dparticles.progress import RunSummary, reset_worker_peaks, watch
 from dparticles.record import (REPORT_FILE, command_line, dask_report, inputs, now, outputs, phases, pixel_sizes,
                                record_report, throughput, write_run_record)
-from dparticles.writer import (RECORDS, copy_segments, finish_file, record_path, verify_copy,
-                               verify_record, write_segments)
-from dparticles.io.files import is_regular, read_json
 
 MRC_MODES = {"int8", "int16", "uint16", "float16", "float32"}
 MIN_PIECES = 8  # copies are cut into at least this many pieces, so that every worker of a small cluster works
-READ_LAYER = "particles-"  # name prefix of the read layer of open_particles (dparticles.stack.lazy_images)
 
 
 @dataclass
@@ -277,59 +280,28 @@ def is_source_read(ds: xr.Dataset) -> bool:
     """Whether the images are the stacks' own pixels, unchanged: the lazy read of ``open_particles``,
     at most indexed along ``particle`` (a selection, a reordering), in the stacks' own mode.
 
-    Decided from the task graph, conservatively: one read layer plus indexing layers whose every
-    task indexes only the particle axis; anything else (arithmetic, ``where``, ``map_blocks``,
-    slicing y or x) is computed instead, which gives the same bits for float32, only more slowly.
+    Decided from public facts, conservatively: ``open_particles`` names its read layer in
+    ``images.attrs[SOURCE_READ]``, which an op that makes new images does not carry; the graph
+    (``HighLevelGraph.layers``) still holds that layer and besides it only indexing layers
+    (``dask.utils.key_split`` is ``getitem``); y and x are whole (their coordinates still run
+    0 .. box - 1 in order: an xarray selection or flip along them changes that); and the dtype is
+    the stacks' mode. Anything else (arithmetic, ``where``, ``map_blocks``) is computed instead,
+    which gives the same bits for float32, only more slowly.
     """
     if not {"stack_id", "image_index", "stack_path", "stack_offset", "stack_dtype"} <= set(ds.coords):
         return False
-    arr = ds["images"].data
+    images = ds["images"]
+    arr = images.data
     modes = {str(m) for m in ds["stack_dtype"].values}
-    if not isinstance(arr, da.Array) or len(modes) != 1:
+    if not isinstance(arr, da.Array) or len(modes) != 1 or images.attrs.get(SOURCE_READ) not in arr.dask.layers:
         return False
     mode = np.dtype(modes.pop())
     if arr.dtype != mode.newbyteorder("=") or mode.byteorder == ">" or arr.shape[1] != arr.shape[2]:
         return False
-    layers = arr.dask.layers
-    reads = [name for name in layers if name.startswith(READ_LAYER)]
-    return len(reads) == 1 and all(_indexes_particles_only(name, layers[name]) for name in layers if name not in reads)
-
-
-def _indexes_particles_only(name: str, layer) -> bool:
-    """Every task of an indexing layer picks particles only (axis 0); y and x are left whole."""
-    from operator import getitem as op_getitem
-
-    from dask._task_spec import Alias, DataNode, Task
-    from dask.array import _shuffle
-    from dask.array.chunk import getitem as chunk_getitem
-
-    if not name.startswith("getitem-"):
+    if any(axis not in images.coords or not np.array_equal(images[axis].values, np.arange(arr.shape[1]))
+           for axis in ("y", "x")):
         return False
-    for task in dict(layer).values():
-        if isinstance(task, DataNode):  # the index arrays of a take: (position, index)
-            value = task.value
-            index = value[1] if isinstance(value, tuple) and len(value) == 2 else None
-            if isinstance(index, tuple) and not all(_whole(i) for i in index[1:]):
-                return False
-            continue
-        if isinstance(task, Alias):
-            continue
-        if not isinstance(task, Task):
-            return False
-        if task.func in (chunk_getitem, op_getitem):
-            index = task.args[1] if len(task.args) > 1 else None
-            if not isinstance(index, tuple) or not all(_whole(i) for i in index[1:]):
-                return False
-        elif task.func is _shuffle.concatenate_arrays:
-            if task.args[-1] != 0:
-                return False
-        elif task.func is not _shuffle._getitem:
-            return False
-    return True
-
-
-def _whole(index: object) -> bool:
-    return isinstance(index, slice) and index.start in (None, 0) and index.step in (None, 1) and index.stop is None
+    return all(name == images.attrs[SOURCE_READ] or key_split(name) == "getitem" for name in arr.dask.layers)
 
 
 def _sources_stamp(ds: xr.Dataset) -> tuple[str, np.ndarray]:
@@ -496,3 +468,22 @@ def _located(exc: ParticleError, dss: list[xr.Dataset], plans: list) -> Particle
     if {"image_path", "image_index"} <= set(ds.coords) and 0 <= row < ds.sizes["particle"]:
         message += f" (from image {int(ds['image_index'].values[row]) + 1} of {ds['image_path'].values[row]})"
     return ParticleError(message, path=ds.attrs.get("source"), particle=exc.particle)
+
+
+def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices: np.ndarray | None,
+                   *, cs: bool = False, updates: dict | None = None) -> None:
+    """Write ``particles.star`` (and ``particles.cs`` when ``cs``) in ``out`` for the particles of
+    ``ds``, whose images are now at ``paths`` (named as the metadata names them, see
+    :func:`project_path`) / ``indices`` (0-based). ``updates`` replaces canonical columns (new pixel
+    size, box, shifts...). Written last, atomically."""
+    particles = assign(table(ds, skip=("image_path", "stack_id", "image_name", "image_index")), updates or {})
+    for name in reversed(formats.OUTPUT_METADATA if cs else ("relion",)):  # particles.star last
+        engine = formats.engine(name)
+        atomic_write(out / engine.METADATA_FILE, lambda tmp: engine.write_particles(
+            tmp, particles, paths, indices, ds.attrs.get("pose", "none")))
+
+
+def project_path(path: Path, project: Path) -> str:
+    """``path`` as RELION and CryoSPARC name files: relative to the project directory they run in,
+    or absolute when it lies outside (both absolute, links not resolved)."""
+    return os.path.relpath(path, project) if project == path or project in path.parents else str(path)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from helpers import image_names, make_stack, optics_table, write_star
 
-TMP_MARK = ".dparticles-tmp"   # what dparticles.output.tmp_name puts in a temporary file's name
+TMP_MARK = ".dparticles-tmp"   # what dparticles.safe.tmp_path puts in a temporary file's name
 
 
 def shuffled_set(folder: Path, *, n_stacks: int, per_stack: int, box: int, pixel_size: float = 1.2,

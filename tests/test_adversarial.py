@@ -44,8 +44,8 @@ from jobdata import shuffled_set
 
 from dparticles.cli import main
 from dparticles.dataset import open_particles
-from dparticles.io.mrc import HEADER_BYTES
-from dparticles.output import atomic_write
+from dparticles.formats.mrc import HEADER_BYTES
+from dparticles.safe import atomic_write
 
 TMP_MARK = ".dparticles-tmp"  # in the name of every temporary
 LOCK = ".dparticles-lock"  # the lock file a run holds in its output folder

@@ -164,7 +164,7 @@ def _bad_not_a_number(t: Path):
 def _bad_unknown_format(t: Path):
     p = t / "p.txt"
     p.write_text("hello")
-    return p, ["p.txt", "expected .star, .cs"]
+    return p, ["p.txt", "unknown particle format; expected RELION .star, CryoSPARC .cs, a bare .mrcs/.mrc stack"]
 
 
 def _bad_cs_garbage(t: Path):

@@ -19,9 +19,9 @@ from helpers import image_names, make_stack, optics_table, read_direct, simple_s
 from dparticles.dataset import open_particles, table
 from dparticles.errors import ParticleError
 from dparticles.formats.cryosparc import write_cs
-from dparticles.io.mrc import stack_header
+from dparticles.formats.mrc import stack_header
 from dparticles.formats.cryosparc import euler_from_matrix, expmap, logmap, matrix_from_euler
-from dparticles.output import write_metadata
+from dparticles.store import write_metadata
 
 SIM = "relion31_sim_ribo70S_b128"
 TOY = "cryodrgn/toy_dir"
@@ -405,7 +405,7 @@ def test_opening_reads_no_pixels_and_graph_is_small(tmp_path):
                       optics_table([1.0], 8))
     from unittest import mock
 
-    import dparticles.io.mrc as mrc
+    import dparticles.formats.mrc as mrc
 
     with mock.patch.object(mrc, "read_chunk", side_effect=AssertionError("pixels read while opening")), \
             mock.patch("mrcfile.mmap", side_effect=AssertionError("memory map while opening")):

@@ -21,8 +21,8 @@ from helpers import make_stack, optics_table, read_direct, star_images, write_st
 import dparticles.planning
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
-from dparticles.io.mrc import read_chunk, read_info
-from dparticles.planning import chunk_bounds, plan_reads
+from dparticles.formats.mrc import read_chunk, read_info
+from dparticles.planning import chunk_bounds, plan_chunks
 
 SIM = "relion31_sim_ribo70S_b128"
 TOY = "cryodrgn/toy_dir"
@@ -33,6 +33,20 @@ TOY = "cryodrgn/toy_dir"
 def test_planning_doctests():
     result = doctest.testmod(dparticles.planning)
     assert result.attempted >= 10 and result.failed == 0
+
+
+def _chunks(stack_ids, indices, bounds) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Each chunk's part of ``plan_chunks``, sliced as ``lazy_images`` slices it: the chunk's stack ids,
+    its runs (stack numbered within the chunk, start, stop) and its order (None: the identity)."""
+    plan = plan_chunks(stack_ids, indices, bounds)
+    return [(plan.stacks[plan.stack_bounds[j]:plan.stack_bounds[j + 1]],
+             plan.runs[plan.run_bounds[j]:plan.run_bounds[j + 1]], plan.order[a:b] if plan.reorder[j] else None)
+            for j, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist()))]
+
+
+def _stack_runs(stacks: np.ndarray, runs: np.ndarray) -> list[list[int]]:
+    """A chunk's runs with their stack ids: rows ``[stack_id, start, stop]``."""
+    return [[int(stacks[s]), a, b] for s, a, b in runs.tolist()]
 
 
 # (stack ids, image indices, chunk bounds) -> per chunk: runs (stack, start, stop) and order (None: identity)
@@ -57,21 +71,21 @@ PLANS = [
 
 
 @pytest.mark.parametrize("given, expected", PLANS)
-def test_plan_reads_table(given, expected):
+def test_plan_chunks_table(given, expected):
     stack_ids, indices, bounds = (np.array(v) for v in given)
-    plan = plan_reads(stack_ids, indices, bounds)
-    got = [([tuple(r) for r in c.runs.tolist()], None if c.order is None else c.order.tolist()) for c in plan]
+    got = [([tuple(r) for r in _stack_runs(stacks, runs)], None if order is None else order.tolist())
+           for stacks, runs, order in _chunks(stack_ids, indices, bounds)]
     assert got == expected
 
 
-def test_plan_reads_empty_and_bad_bounds():
-    assert plan_reads(np.zeros(0), np.zeros(0), chunk_bounds(0, 5)) == []
+def test_plan_chunks_empty_and_bad_bounds():
+    assert _chunks(np.zeros(0), np.zeros(0), chunk_bounds(0, 5)) == []
     with pytest.raises(ValueError, match="bounds"):
-        plan_reads(np.zeros(3), np.arange(3), np.array([0, 2]))
+        plan_chunks(np.zeros(3), np.arange(3), np.array([0, 2]))
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_plan_reads_random_against_a_plain_loop(seed):
+def test_plan_chunks_random_against_a_plain_loop(seed):
     """Shuffled particles with duplicates, several chunkings: runs are the chunk's distinct images
     sorted and coalesced, compact, and ``order`` rebuilds metadata order from them."""
     rng = np.random.default_rng(seed)
@@ -79,9 +93,9 @@ def test_plan_reads_random_against_a_plain_loop(seed):
     stack_ids = rng.integers(0, 5, n)
     indices = rng.integers(0, 30, n)
     bounds = chunk_bounds(n, int(rng.integers(1, 60)))
-    plan = plan_reads(stack_ids, indices, bounds)
+    plan = _chunks(stack_ids, indices, bounds)
     assert len(plan) == len(bounds) - 1
-    for (a, b), reads in zip(zip(bounds[:-1], bounds[1:]), plan):
+    for (a, b), (stacks, runs, order) in zip(zip(bounds[:-1], bounds[1:]), plan):
         wanted = list(zip(stack_ids[a:b].tolist(), indices[a:b].tolist()))
         distinct = sorted(set(wanted))
         expected_runs = []
@@ -90,25 +104,25 @@ def test_plan_reads_random_against_a_plain_loop(seed):
                 expected_runs[-1][2] += 1
             else:
                 expected_runs.append([s, i, i + 1])
-        assert reads.runs.tolist() == expected_runs
-        assert reads.runs.dtype == np.int16 and reads.runs.flags.owndata
-        read_back = [(s, i) for s, start, stop in reads.runs.tolist() for i in range(start, stop)]
-        if reads.order is None:
+        assert _stack_runs(stacks, runs) == expected_runs
+        assert runs.dtype == np.int16 and stacks.dtype == np.int16
+        read_back = [(s, i) for s, start, stop in _stack_runs(stacks, runs) for i in range(start, stop)]
+        if order is None:
             assert read_back == wanted
         else:
-            assert reads.order.dtype == np.int16 and len(reads.order) == b - a
-            assert [read_back[r] for r in reads.order.tolist()] == wanted
+            assert order.dtype == np.int16 and len(order) == b - a
+            assert [read_back[r] for r in order.tolist()] == wanted
 
 
-def test_plan_reads_large_values_and_sizes():
+def test_plan_chunks_large_values_and_sizes():
     """Indices and stack ids beyond int16 make wider arrays; a combined sort key that would overflow
     falls back to a lexicographic sort with the same answer."""
     stack_ids = np.array([70000, 3, 70000, 3])
     indices = np.array([2**40, 5, 2**40 - 1, 4])
-    (reads,) = plan_reads(stack_ids, indices, np.array([0, 4]))
-    assert reads.runs.dtype == np.int64
-    assert reads.runs.tolist() == [[3, 4, 6], [70000, 2**40 - 1, 2**40 + 1]]
-    assert reads.order.tolist() == [3, 1, 2, 0]
+    ((stacks, runs, order),) = _chunks(stack_ids, indices, np.array([0, 4]))
+    assert runs.dtype == np.int64 and stacks.dtype == np.int32
+    assert _stack_runs(stacks, runs) == [[3, 4, 6], [70000, 2**40 - 1, 2**40 + 1]]
+    assert order.tolist() == [3, 1, 2, 0]
 
 
 # --- the reader against direct reads --------------------------------------------------------
@@ -122,10 +136,10 @@ def _expected(stacks: list[np.ndarray], stack_ids, indices) -> np.ndarray:
 
 
 def _read_all(infos, stack_ids, indices, chunk, dtype=None) -> np.ndarray:
-    """Every chunk through plan_reads and read_chunk, concatenated (what a dask chunk task does)."""
+    """Every chunk through plan_chunks and read_chunk, concatenated (what a dask chunk task does)."""
     parts = []
-    for reads in plan_reads(stack_ids, indices, chunk_bounds(len(indices), chunk)):
-        parts.append(read_chunk(infos, reads.runs, reads.order, dtype))
+    for stacks, runs, order in _chunks(stack_ids, indices, chunk_bounds(len(indices), chunk)):
+        parts.append(read_chunk([infos[s] for s in stacks.tolist()], runs, order, dtype))
     return np.concatenate(parts)
 
 
@@ -304,7 +318,7 @@ def test_shuffled_chunk_is_read_without_a_reordering_copy(tmp_path):
 def test_partial_reads_and_few_buffers_per_call(tmp_path, monkeypatch, limit):
     """Reads that return less than asked are continued (inside a row too), with at most a few
     buffers per call, and without preadv at all."""
-    import dparticles.io.mrc as mrc
+    import dparticles.formats.mrc as mrc
 
     data = {f"s{k}.mrcs": make_stack(tmp_path / f"s{k}.mrcs", 7, 16, seed=k) for k in range(2)}
     infos = _infos([tmp_path / "s0.mrcs", tmp_path / "s1.mrcs"])

@@ -29,7 +29,7 @@ from dparticles.cli import main
 from dparticles.dataset import open_particles, table
 from dparticles.jobs.downsample import downsample
 from dparticles.errors import ParticleError
-from dparticles.io.mrc import HEADER_BYTES
+from dparticles.formats.mrc import HEADER_BYTES
 from dparticles.jobs.info import describe
 from dparticles.jobs.restack import restack
 

@@ -19,9 +19,9 @@ from helpers import image_names, make_stack, optics_table, write_star
 
 from dparticles.dataset import open_particles, table
 from dparticles.formats import relion as star
-from dparticles.io.mrc import stack_header
+from dparticles.formats.mrc import stack_header
 from dparticles.jobs.info import describe
-from dparticles.output import write_metadata
+from dparticles.store import write_metadata
 
 N, PER_STACK, IN_USE, BOX = 200_000, 167, 100, 64
 LIMIT_SECONDS = 10.0  # 1.3 s measured on a busy 2-CPU machine

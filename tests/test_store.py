@@ -25,7 +25,7 @@ from jobdata import shuffled_set, tree
 import dparticles
 from dparticles import ops
 from dparticles.errors import ParticleError
-from dparticles.io.mrc import HEADER_BYTES
+from dparticles.formats.mrc import HEADER_BYTES
 
 RIBO = "relion31_sim_ribo70S_b128"
 EXTRACT = f"{RIBO}/Extract/job007/particles.star"  # 400 particles, classes 1..12, 20 stacks
@@ -479,7 +479,7 @@ def test_outputs_are_refused_against_many_stacks_of_one_folder(tmp_path):
     including a stack that is a link into the output and a folder reached through a link in it."""
     import xarray as xr
 
-    from dparticles.output import refuse_inputs
+    from dparticles.safe import refuse_inputs
 
     movies = tmp_path / "Extract" / "Movies"
     movies.mkdir(parents=True)

@@ -16,6 +16,27 @@ from dparticles.metadata import (Table, categorical, finite, first_bad, float32_
                                  same_or, shown, values_of)
 
 
+NAME = "cryosparc"
+SUFFIXES = (".cs",)
+METADATA_FILE = "particles.cs"  # what an output folder holds
+
+
+def guess_can_open(path: Path) -> bool:
+    """A CryoSPARC dataset, by its name."""
+    return path.suffix.lower() in SUFFIXES and not path.is_dir()
+
+
+def open_table(path: Path) -> Table:
+    """The particles of a ``.cs`` dataset as the canonical table."""
+    return from_cs(read_cs(path), path)
+
+
+def write_particles(path: Path, particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray | None,
+                    pose: str) -> None:
+    """Write the canonical table as a CryoSPARC dataset at ``path`` (the caller makes it atomic)."""
+    write_cs(path, to_cs(particles, paths, indices, pose))
+
+
 def read_cs(path: str | os.PathLike) -> np.ndarray:
     """Load a ``.cs`` file as a structured array (never pickled objects)."""
     path = Path(path)

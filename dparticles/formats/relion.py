@@ -63,6 +63,28 @@ WRITE_ROWS = 200_000  # rows formatted per task when writing
 _NA = ["nan", "NaN", "<NA>"]
 
 
+NAME = "relion"
+SUFFIXES = (".star",)
+METADATA_FILE = "particles.star"  # what an output folder holds
+
+
+def guess_can_open(path: Path) -> bool:
+    """A RELION STAR file, by its name."""
+    return path.suffix.lower() in SUFFIXES and not path.is_dir()
+
+
+def open_table(path: Path) -> Table:
+    """The particles of a STAR file (3.0 single table, 3.1+ optics and particles) as the canonical table."""
+    return from_star(read_star(path, compact=True), path)
+
+
+def write_particles(path: Path, particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray | None,
+                    pose: str) -> None:
+    """Write the canonical table as a RELION 3.1 STAR file at ``path`` (the caller makes it atomic);
+    the images at ``paths`` / ``indices`` (0-based)."""
+    write_star(path, to_star(particles, paths, indices))
+
+
 def read_star(path: str | os.PathLike, *, compact: bool = False) -> dict[str, pd.DataFrame | dict]:
     """Read every data block of a STAR file, keyed by block name ('' for an unnamed ``data_``).
 

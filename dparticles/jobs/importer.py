@@ -17,11 +17,12 @@ from dask.base import tokenize
 from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 from dparticles.formats.cryosparc import import_signatures
-from dparticles.io.mrc import read_info
+from dparticles.formats.mrc import read_info
 from dparticles.formats.relion import read_star
 from dparticles.metadata import floats
 from dparticles import __version__
-from dparticles.output import hold_outputs, prepare_output, project_path, write_metadata
+from dparticles.safe import hold_outputs, prepare_output
+from dparticles.store import project_path, write_metadata
 from dparticles.record import command_line, inputs, now, record_report, write_run_record
 from dparticles.stack import read_infos, resolve_stacks, search_roots
 
@@ -170,7 +171,7 @@ def _micrograph_shapes(names: list[str], metadata: Path,
 
 def _link_stacks(ds: xr.Dataset, out: Path, project: Path) -> dict[str, str]:
     """Symlink each distinct source stack under ``out/stacks``; returns source -> the link's name as
-    the metadata gives it (:func:`dparticles.output.project_path`)."""
+    the metadata gives it (:func:`dparticles.store.project_path`)."""
     sources = ds["stack_path"].values.astype(str)
     (out / "stacks").mkdir(exist_ok=True)
     links: dict[str, str] = {}

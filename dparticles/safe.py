@@ -1,6 +1,9 @@
-"""Writing results safely: every file appears under its final name only when complete, outputs never
-overwrite inputs, one run at a time writes an output folder, and existing outputs are replaced only
-when asked and only if dparticles wrote them.
+"""Safe output, in one place: every writer of the package (stacks, metadata, records, zarr caches)
+writes through it. A file appears under its final name only when complete (a temporary name, then a
+rename); outputs never overwrite inputs nor each other; one run at a time writes an output folder;
+existing outputs are replaced only when asked and only if dparticles wrote them; and one rule
+(:func:`removable`) decides which temporaries a run may delete. Light imports only: worker tasks
+use it.
 
 An output folder holds a run record (:data:`RUN_MARKER`: the job and the token of its inputs and
 arguments) and, while a run writes it, a lock file (:data:`LOCK`) that the run holds with an
@@ -21,34 +24,123 @@ import re
 import shutil
 import socket
 import stat
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 
-from dparticles.dataset import table
 from dparticles.errors import ParticleError
-from dparticles.io.files import TMP_MARK, is_regular, open_regular, private_dir, read_json
-from dparticles.formats.cryosparc import to_cs, write_cs
-from dparticles.formats.relion import to_star, write_star
-from dparticles.metadata import assign
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 RUN_MARKER = ".dparticles-run.json"  # the run record: this folder is a dparticles output, of this job and token
 LOCK = ".dparticles-lock"  # held (flock) by the run writing the folder; removed when it ends
-RECORDS = ".dparticles"  # records of finished stacks (dparticles.writer.RECORDS)
+RECORDS = ".dparticles"  # folder of an output that holds the records of its finished stacks
 METADATA = ("particles.star", "particles.cs")
 RUN_FILES = ("job.json", "note.txt", "report.html")  # the record of the run beside its results (dparticles.record)
 _BATCH = re.compile(r"batch_\d{6,}\.mrcs")
+TMP_MARK = ".dparticles-tmp"  # in the name of every temporary
+_NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # no link followed, no FIFO waited on
+
+
+# --- temporaries and atomic writes ---------------------------------------------------------------
+
+def private_dir(path: Path) -> Path:
+    """A new folder beside ``path`` with a random name (``.NAME.dparticles-tmp-XXXXXXXX``), readable
+    and writable by this account only: what is written in it cannot be planted, linked or guessed
+    by anyone else, and it is on the same file system, so a rename from it into place is atomic."""
+    path = Path(path)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}-", dir=path.parent))
+
+
+def is_regular(path: str | os.PathLike) -> bool:
+    """Whether ``path`` itself (not what a link there points to) is a regular file."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
+    """Open ``path`` only if it is a regular file, never following a link at its name and never
+    waiting on a FIFO or a device; raises OSError otherwise."""
+    fd = os.open(path, flags | _NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_small(path: str | os.PathLike, limit: int = 2**20) -> bytes | None:
+    """The bytes of a small regular file (a run record, a marker), or None if there is none there,
+    it is something else (a link, a FIFO, a folder) or larger than ``limit``."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None if len(data) > limit else data
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON object in the small regular file at ``path`` (a run or file record), or None if there
+    is none, or it is not a regular file (a link, a FIFO: never followed or opened) holding one."""
+    data = read_small(path)
+    try:
+        record = json.loads(data) if data is not None else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+
+def tmp_path(final: str, nonce: str) -> str:
+    """The temporary name of ``final`` for the run with this ``nonce`` (random, unguessable)."""
+    head, name = os.path.split(final)
+    return os.path.join(head, f".{name}{TMP_MARK}-{nonce}")
+
+
+def write_record(path: str, record: dict, indent: int | None = None, nonce: str = "") -> None:
+    """Write a small JSON record atomically (temporary name carrying the run ``nonce``, sync, rename)."""
+    tmp = f"{path}{TMP_MARK}-{nonce or os.urandom(8).hex()}-{os.urandom(4).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+    try:
+        pwrite_all(fd, memoryview(json.dumps(record, indent=indent).encode()), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    """pwrite may write less than asked (a full disk): write the rest or fail."""
+    while buf:
+        n = os.pwrite(fd, buf, offset)
+        if n == 0:
+            raise OSError(28, "No space left on device")
+        buf, offset = buf[n:], offset + n
+
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` then rename tmp to ``path``; on any failure remove tmp and re-raise.
 
     ``tmp`` lies in a new folder beside ``path`` with a random name that only this account may
-    enter (:func:`dparticles.io.files.private_dir`), so nobody can plant a link or a FIFO where it
+    enter (:func:`private_dir`), so nobody can plant a link or a FIFO where it
     is written. The data are flushed to disk before the rename, so a crash leaves either the old
     file, no file, or the complete new one, never a partial file under the final name; a link
     planted at ``path`` is replaced, never followed.
@@ -87,16 +179,36 @@ def remove_temporaries(folder: Path, nonce: str = "") -> None:
             continue
         for e in entries:
             if mark in e.name:
-                _remove(Path(e.path))
+                remove_temporary(Path(e.path), folder_held=True)
 
 
-def _remove(path: Path) -> None:
-    """Remove a temporary: a file, link or FIFO is unlinked; a real folder is deleted unless a live
-    run holds its lock (a zarr cache being written)."""
+LOCK_GRACE = 60.0  # seconds a new temporary folder has to take its lock file (its run does so at once)
+
+
+def removable(path: Path, *, folder_held: bool) -> bool:
+    """The one rule for what a run may delete among temporaries (names with :data:`TMP_MARK`): a
+    file, link or FIFO, yes (unlinked, never followed or opened); a folder, unless a live run holds
+    the lock file in it (a zarr cache being written). A folder with no lock file yet is removed only
+    by the holder of the lock of the folder it lies in (``folder_held``: nobody else writes there),
+    or once it is older than :data:`LOCK_GRACE`, when its run died before taking its lock."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        return True
+    if os.path.lexists(path / "lock"):
+        return not lock_is_held(path / "lock")
+    return folder_held or time.time() - st.st_mtime > LOCK_GRACE
+
+
+def remove_temporary(path: Path, *, folder_held: bool) -> None:
+    """Delete the temporary ``path`` if :func:`removable` allows it."""
+    if not removable(path, folder_held=folder_held):
+        return
     try:
         if stat.S_ISDIR(os.lstat(path).st_mode):
-            if not lock_is_held(path / "lock"):
-                shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
         else:
             os.unlink(path)
     except OSError:
@@ -401,12 +513,12 @@ def _empty(folder: Path, named: Path) -> None:
                 continue
             if e.name in ("stacks", RECORDS) and e.is_dir(follow_symlinks=False):
                 for s in os.scandir(e.path):
-                    _remove(Path(s.path))
+                    remove_temporary(Path(s.path), folder_held=True)
                 os.rmdir(e.path)
             elif e.is_dir(follow_symlinks=False) and TMP_MARK not in e.name:
                 shutil.rmtree(e.path)  # a zarr cache (shutil.rmtree does not follow links inside)
             elif TMP_MARK in e.name:
-                _remove(Path(e.path))
+                remove_temporary(Path(e.path), folder_held=True)
             else:
                 os.unlink(e.path)
         os.unlink(folder / RUN_MARKER)
@@ -541,23 +653,3 @@ def _no_work(folder: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices: np.ndarray | None,
-                   *, cs: bool = False, updates: dict | None = None) -> None:
-    """Write ``particles.star`` (and ``particles.cs`` when ``cs``) in ``out`` for the particles of
-    ``ds``, whose images are now at ``paths`` (named as the metadata names them, see
-    :func:`project_path`) / ``indices`` (0-based). ``updates`` replaces canonical columns (new pixel
-    size, box, shifts...). Written last, atomically."""
-    particles = assign(table(ds, skip=("image_path", "stack_id", "image_name", "image_index")), updates or {})
-    if cs:
-        data = to_cs(particles, paths, indices, ds.attrs.get("pose", "none"))
-        atomic_write(out / "particles.cs", lambda tmp: write_cs(tmp, data))
-    blocks = to_star(particles, paths, indices)
-    atomic_write(out / "particles.star", lambda tmp: write_star(tmp, blocks))
-
-
-def project_path(path: Path, project: Path) -> str:
-    """``path`` as RELION and CryoSPARC name files: relative to the project directory they run in,
-    or absolute when it lies outside (both absolute, links not resolved)."""
-    return os.path.relpath(path, project) if project == path or project in path.parents else str(path)

@@ -1,7 +1,13 @@
-"""MRC image stacks: headers, reads of particle runs, and stack headers for writing.
+"""MRC image stacks as an engine: headers, reads of particle runs, a bare stack as a particle source,
+and the worker tasks that write output stacks.
 
 Knows the MRC2014 format and the ways real headers are imperfect (zero pixel size, nversion 0,
-a missing map id, stacks flagged as volumes); it knows nothing of particles or metadata.
+a missing map id, stacks flagged as volumes). Writing: a stack is created under a temporary name,
+its pieces written at their offsets (or copied in the kernel, never decoded), then synced and
+renamed into place, with a record of each piece's CRC for a rerun to check. Temporary names carry a
+random run nonce and are created with ``O_NOFOLLOW``, so a planted link is never followed and no
+other run's file is touched. Every task is idempotent: the scheduler may run one again after a
+worker dies, and the result is the same bytes. Light imports only: worker tasks use it.
 """
 
 from __future__ import annotations
@@ -9,8 +15,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import mrcfile
 import mrcfile.constants
@@ -19,6 +27,10 @@ import numpy as np
 from mrcfile.dtypes import HEADER_DTYPE
 
 from dparticles.errors import ParticleError
+from dparticles.safe import RECORDS, TMP_MARK, pwrite_all, open_regular, tmp_path, write_record
+
+if TYPE_CHECKING:
+    from dparticles.metadata import Table
 
 HEADER_BYTES = 1024
 
@@ -51,6 +63,40 @@ def read_info(path: str) -> StackInfo:
     Raises ParticleError for an unreadable file, an unknown mode or a short data block.
     """
     return _info(path, *_header_bytes(path))
+
+
+NAME = "mrc"
+SUFFIXES = (".mrcs", ".mrc")
+
+
+def guess_can_open(path: Path) -> bool:
+    """A bare stack: a file named ``.mrcs`` or ``.mrc`` (the images themselves, no metadata file)."""
+    return path.suffix.lower() in SUFFIXES and not path.is_dir()
+
+
+def open_table(path: Path) -> "Table":
+    """Every image of a bare stack as a particle, in order: the stack path and index, the box, and
+    the pixel size of the header (``cella.x / mx``) when it gives one; with none, opening asks for
+    ``--pixel-size``. No CTF, pose or micrograph: a stack holds none."""
+    import pandas as pd  # here, not at the top: worker tasks import this module for writing only
+
+    from dparticles.metadata import Table, group_names, same
+
+    info = read_info(str(path))
+    raw, _ = _header_bytes(str(path))
+    header, _ = _decode_header(raw)
+    n = info.n
+    particles = {"image_name": pd.Categorical.from_codes(np.zeros(n, dtype=np.int8),
+                                                         categories=pd.Index([str(path.absolute())], dtype=object)),
+                 "image_index": np.arange(n, dtype=np.int64), "box": same(np.int64(info.ny), n),
+                 "optics_group": same(np.int64(1), n)}
+    mx, cella = int(header["mx"]), float(header["cella"]["x"])
+    if mx > 0 and np.isfinite(cella) and cella > 0:
+        particles["pixel_size"] = same(float(np.float32(cella / mx)), n)
+    particles["optics_group_name"] = group_names(particles["optics_group"])
+    attrs = {"format": NAME, "pose": "none",
+             "no_pixel_size": "the stack header gives no pixel size (cella / mx is 0); give --pixel-size"}
+    return Table(pd.DataFrame(particles, index=pd.RangeIndex(n), copy=False), attrs)
 
 
 def read_headers(paths: Sequence[str]) -> list[StackInfo]:
@@ -183,7 +229,7 @@ def read_chunk(stacks: Sequence[StackInfo], runs, order: np.ndarray | None = Non
     """Read runs of images straight from their stacks into an array in metadata order.
 
     ``runs`` holds rows ``(stack, start, stop)``: images ``[start, stop)`` of ``stacks[stack]``, read
-    in the order given (best sorted by stack and image, as ``planning.plan_reads`` gives them);
+    in the order given (best sorted by stack and image, as ``planning.plan_chunks`` gives them);
     call the images so read, in that order, ``images_read``. The result is ``images_read[order]``
     (``order=None``: ``images_read`` itself). It has native byte order and ``dtype`` (default: the
     first stack's mode), so that sets mixing modes can be read.
@@ -329,3 +375,254 @@ def stack_header(n: int, box: int, dtype: np.dtype, pixel_size: float, label: st
     header.nlabl = 1
     header.label[0] = label.encode("ascii", "replace")[:80]
     return header.tobytes()
+
+
+# --- writing stacks (worker tasks) ---------------------------------------------------------------
+
+FLOAT16_MAX = 65504.0
+
+
+
+VERIFY_BYTES = 16 * 2**20  # bytes compared at a time when checking a kept file
+
+
+
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # no link followed, no FIFO waited on
+
+
+
+def open_tmp(final: str, nonce: str, n: int, box: int, dtype: str, pixel_size: float) -> int:
+    """Open (creating it if need be) the temporary file of ``final`` for this run and make sure it has
+    its header and full size; every piece does this, so the order pieces run in does not matter and a
+    piece run again keeps what others wrote. A file there that is not a regular file of ours (a
+    planted link or another account's file) is refused."""
+    tmp = tmp_path(final, nonce)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | _OPEN_FLAGS, 0o666)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise ParticleError("a temporary output file was replaced by something that is not ours; stopped "
+                                "without writing", path=tmp)
+        pwrite_all(fd, memoryview(stack_header(n, box, np.dtype(dtype), pixel_size, "dparticles")), 0)
+        size = HEADER_BYTES + n * box * box * np.dtype(dtype).itemsize
+        if st.st_size != size:
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+
+def write_piece(block: np.ndarray, file: tuple, offset: int, first: int) -> dict:
+    """Write ``block`` (images) converted to the file's mode at byte ``offset`` of the temporary file
+    ``file`` = ``(final, nonce, n, box, dtype, pixel_size)`` (see :func:`open_tmp`); return counts, the
+    piece's CRC-32 (to verify the file on a rerun) and the float16 rounding error."""
+    stats = {"n": len(block), "bytes": 0, "f16_max": 0.0, "f16_sq": 0.0}
+    data = np.ascontiguousarray(convert(block, np.dtype(file[4]), first, stats))
+    buf = memoryview(data).cast("B")
+    fd = _open_output(file)
+    try:
+        pwrite_all(fd, buf, offset)
+    except OSError as exc:
+        raise _write_error(exc, file[0]) from exc
+    finally:
+        os.close(fd)
+    stats.update(bytes=len(buf), crc=zlib.crc32(buf), offset=offset)
+    return stats
+
+
+
+def copy_piece(paths: Sequence[str], codes: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+               file: tuple, offset: int) -> dict:
+    """Copy byte ranges ``[starts, starts + lengths)`` of the source files ``paths[codes]`` one after
+    another into the temporary ``file`` (as :func:`write_piece`) from ``offset``, in the kernel where
+    it can (never decoded). Each source is opened once: its ranges are copied together, each to its
+    own place (a shuffled selection alternates between stacks at every image)."""
+    dest = offset + np.cumsum(lengths) - lengths
+    order = np.argsort(codes, kind="stable")
+    cuts = np.flatnonzero(np.diff(codes[order])) + 1
+    fd = _open_output(file)
+    try:
+        for group in np.split(order, cuts) if len(order) else []:
+            path = paths[codes[group[0]]]
+            src = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                for start, length, pos in zip(starts[group].tolist(), lengths[group].tolist(), dest[group].tolist()):
+                    done = _copy_range(src, fd, length, start, pos)
+                    if done != length:
+                        raise ParticleError(f"stack ended early: expected {length} bytes from byte {start}, "
+                                            f"read {done}", path=path)
+            finally:
+                os.close(src)
+    except OSError as exc:
+        raise _write_error(exc, file[0]) from exc
+    finally:
+        os.close(fd)
+    return {"n": None, "bytes": int(lengths.sum()), "f16_max": 0.0, "f16_sq": 0.0}
+
+
+
+def write_segments(block: np.ndarray, segments: list[tuple], first: int) -> dict[str, dict]:
+    """Write the rows of one chunk of images to the files they belong to. Each segment is
+    ``(file, lo, hi, offset, record)``: rows ``block[lo:hi]`` go at byte ``offset`` of ``file``
+    (see :func:`write_piece`); a file that lies wholly in this chunk comes with its ``record`` and
+    is finished here (:func:`finish_file`). Returns each file's piece statistics by final name."""
+    done = {}
+    for file, lo, hi, offset, record in segments:
+        done[file[0]] = write_piece(block[lo:hi], file, offset, first + lo)
+        if record is not None:
+            finish_file(file, record, [done])
+    return done
+
+
+
+def copy_segments(paths: Sequence[str], codes: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                  segments: list[tuple]) -> dict[str, dict]:
+    """As :func:`write_segments` for unchanged pixels: the piece's source byte ranges are
+    ``(paths[codes], starts, lengths)``, and each segment ``(file, lo, hi, offset, record)`` copies
+    ranges ``lo:hi`` of them with :func:`copy_piece`."""
+    done = {}
+    for file, lo, hi, offset, record in segments:
+        done[file[0]] = copy_piece(paths, codes[lo:hi], starts[lo:hi], lengths[lo:hi], file, offset)
+        if record is not None:
+            finish_file(file, record, [done])
+    return done
+
+
+
+def finish_file(file: tuple, record: dict, results: list[dict[str, dict]]) -> dict:
+    """Sync the temporary ``file``, write its record (what a rerun checks), then rename it to its
+    final name; return the totals of its pieces, picked from the chunk tasks' ``results``. Run again
+    after the rename, it finds the final file and leaves it."""
+    final, tmp = file[0], tmp_path(*file[:2])
+    pieces = [r[final] for r in results if final in r]
+    try:
+        if os.path.lexists(tmp):
+            fd = _open_for_write(tmp)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            crcs = [[p["offset"], p["bytes"], p["crc"]] for p in pieces if "crc" in p]
+            write_record(record_path(final), dict(record, pieces=crcs), nonce=file[1])
+            os.replace(tmp, final)
+        elif not os.path.isfile(final):
+            raise ParticleError("the temporary file of this output vanished before it was complete; rerun to "
+                                "write it again", path=final)
+    except OSError as exc:
+        raise _write_error(exc, final) from exc
+    return {"bytes": sum(p["bytes"] for p in pieces), "f16_max": max((p["f16_max"] for p in pieces), default=0.0),
+            "f16_sq": sum(p["f16_sq"] for p in pieces)}
+
+
+
+def record_path(final: str) -> str:
+    """Where the record of a finished output file ``OUT/stacks/NAME`` is kept: ``OUT/.dparticles/NAME.json``."""
+    stacks, name = os.path.split(final)
+    return os.path.join(os.path.dirname(stacks), RECORDS, f"{name}.json")
+
+
+
+def verify_record(final: str, header: bytes, record: dict) -> bool:
+    """Whether ``final`` still holds exactly the bytes its record describes: this ``header``, the
+    size, and each piece's CRC."""
+    try:
+        with open(open_regular(final), "rb") as f:
+            if os.fstat(f.fileno()).st_size != record["size"] or os.pread(f.fileno(), HEADER_BYTES, 0) != header:
+                return False
+            for offset, length, crc in record["pieces"]:
+                if zlib.crc32(os.pread(f.fileno(), length, offset)) != crc:
+                    return False
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+
+def verify_copy(final: str, header: bytes, paths: Sequence[str], codes: np.ndarray, starts: np.ndarray,
+                lengths: np.ndarray) -> bool:
+    """Whether ``final`` has this ``header`` and its images are byte for byte the source ranges they
+    were copied from."""
+    try:
+        with open(open_regular(final), "rb") as out:
+            if os.pread(out.fileno(), HEADER_BYTES, 0) != header:
+                return False
+            pos = HEADER_BYTES
+            for code, start, length in zip(codes.tolist(), starts.tolist(), lengths.tolist()):
+                with open(paths[code], "rb") as src:
+                    while length:
+                        step = min(length, VERIFY_BYTES)
+                        if os.pread(src.fileno(), step, start) != os.pread(out.fileno(), step, pos):
+                            return False
+                        start, pos, length = start + step, pos + step, length - step
+            return os.fstat(out.fileno()).st_size == pos
+    except OSError:
+        return False
+
+
+
+def convert(data: np.ndarray, dtype: np.dtype, first: int, stats: dict) -> np.ndarray:
+    """``data`` in the little-endian output mode; for float16 range-checked first (an error names the
+    particle, 1-based from ``first`` + 1), with the rounding error against float32 kept in ``stats``."""
+    out = dtype.newbyteorder("<")
+    if dtype != np.float16:
+        return data.astype(out, copy=False)
+    flat = data.reshape(len(data), -1)
+    peak = np.maximum(flat.max(axis=1), -flat.min(axis=1))  # |x| without a temporary; NaN stays NaN
+    over = np.flatnonzero(~(peak <= FLOAT16_MAX))
+    if len(over):
+        k = int(over[0])
+        raise ParticleError(f"a value of magnitude {peak[k]:.6g} does not fit in float16, whose largest is "
+                            f"{FLOAT16_MAX:g}; write float32 instead", particle=first + k + 1)
+    half = data.astype(out)
+    err = half.astype(np.float32)
+    err -= data
+    stats["f16_max"] = max(stats["f16_max"], float(err.max()), float(-err.min()))
+    stats["f16_sq"] += float(np.square(err, out=err).sum(dtype=np.float64))
+    return half
+
+
+
+def _open_output(file: tuple) -> int:
+    try:
+        return open_tmp(*file)
+    except OSError as exc:
+        raise _write_error(exc, file[0]) from exc
+
+
+
+def _open_for_write(tmp: str) -> int:
+    try:
+        return os.open(tmp, os.O_WRONLY | _OPEN_FLAGS)
+    except OSError as exc:
+        raise _write_error(exc, tmp) from exc
+
+
+
+def _copy_range(src: int, dst: int, length: int, src_off: int, dst_off: int) -> int:
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src, dst, length - done, src_off + done, dst_off + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:  # not supported across these file systems: copy through user space
+        if exc.errno not in (18, 38, 95, 22, 1):  # EXDEV, ENOSYS, EOPNOTSUPP, EINVAL, EPERM
+            raise
+        while done < length:
+            chunk = memoryview(os.pread(src, min(length - done, 16 * 2**20), src_off + done))
+            if not chunk:
+                break
+            pwrite_all(dst, chunk, dst_off + done)
+            done += len(chunk)
+    return done
+
+
+
+def _write_error(exc: OSError, path: str) -> ParticleError:
+    base = os.path.basename(path).split(TMP_MARK)[0].lstrip(".")
+    return ParticleError(f"could not write {base} ({exc.strerror or exc}); nothing was left under the final name, "
+                         "rerun to continue", path=os.path.dirname(path) or ".")
+
