@@ -76,8 +76,8 @@ def guess_can_open(path: Path) -> bool:
 
 def open_table(path: Path) -> "Table":
     """Every image of a bare stack as a particle, in order: the stack path and index, the box, and
-    the pixel size of the header (``cella.x / mx``) when it gives one; with none, opening asks for
-    ``--pixel-size``. No CTF, pose or micrograph: a stack holds none."""
+    the pixel size of the header (``cella / m``, the same along x and y) when it gives one; with
+    none, or two, opening asks for ``--pixel-size``. No CTF, pose or micrograph: a stack holds none."""
     import pandas as pd  # here, not at the top: worker tasks import this module for writing only
 
     from dparticles.metadata import Table, group_names, same
@@ -90,12 +90,15 @@ def open_table(path: Path) -> "Table":
                                                          categories=pd.Index([str(path.absolute())], dtype=object)),
                  "image_index": np.arange(n, dtype=np.int64), "box": same(np.int64(info.ny), n),
                  "optics_group": same(np.int64(1), n)}
-    mx, cella = int(header["mx"]), float(header["cella"]["x"])
-    if mx > 0 and np.isfinite(cella) and cella > 0:
-        particles["pixel_size"] = same(float(np.float32(cella / mx)), n)
+    sizes = [float(header["cella"][a]) / int(header[f"m{a}"]) if int(header[f"m{a}"]) > 0 else 0.0 for a in "xy"]
+    px, py = (float(np.float32(s)) if np.isfinite(s) else 0.0 for s in sizes)
+    if px > 0 and px == py:
+        particles["pixel_size"] = same(px, n)
     particles["optics_group_name"] = group_names(particles["optics_group"])
+    why = (f"its x and y pixel sizes differ ({px:g} and {py:g} Å)" if px > 0 and py > 0 and px != py
+           else "it gives none (cell size or sampling 0)")
     attrs = {"format": NAME, "pose": "none",
-             "no_pixel_size": "the stack header gives no pixel size (cella / mx is 0); give --pixel-size"}
+             "no_pixel_size": f"the stack header gives no pixel size to use: {why}; give --pixel-size"}
     return Table(pd.DataFrame(particles, index=pd.RangeIndex(n), copy=False), attrs)
 
 
