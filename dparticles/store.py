@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,25 +23,23 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
-from dask.utils import key_split
 from dask.highlevelgraph import HighLevelGraph
+from dask.utils import key_split
 
-from dparticles import __version__, config
-from dparticles.cluster import cluster_client
-from dparticles.errors import ParticleError
+from dparticles import config, formats
 from dparticles.dataset import table
-from dparticles.stack import SOURCE_READ
-from dparticles import formats
+from dparticles.errors import ParticleError
 from dparticles.formats.mrc import (HEADER_BYTES, copy_segments, finish_file, record_path, stack_header, verify_copy,
                                     verify_record, write_segments)
 from dparticles.formats.zarr import check_zarr_target, finish_zarr, prepare_zarr
 from dparticles.metadata import assign
+from dparticles.planning import byte_runs, chunk_bounds
+from dparticles.progress import RunSummary
+from dparticles.record import inputs, outputs, pixel_sizes
+from dparticles.runner import JobRun
 from dparticles.safe import (RECORDS, atomic_write, hold_outputs, is_regular, prepare_output, read_json, refuse_inputs,
                              refuse_overlaps, remove_temporaries)
-from dparticles.planning import byte_runs, chunk_bounds
-from dparticles.progress import RunSummary, reset_worker_peaks, watch
-from dparticles.record import (REPORT_FILE, command_line, dask_report, inputs, now, outputs, phases, pixel_sizes,
-                               record_report, throughput, write_run_record)
+from dparticles.stack import SOURCE_READ
 
 MRC_MODES = {"int8", "int16", "uint16", "float16", "float32"}
 MIN_PIECES = 8  # copies are cut into at least this many pieces, so that every worker of a small cluster works
@@ -117,7 +112,6 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
     same data and arguments, which is resumed. Each folder gets a record of the run (``job.json``
     with ``parameters`` and ``note.txt``) and ``report.html`` (see :mod:`dparticles.record`).
     """
-    started, t0 = now(), time.monotonic()
     single = isinstance(ds, xr.Dataset)
     dss = [ds] if single else list(ds)
     # absolute before anything is sent: workers elsewhere do not run in this directory
@@ -136,35 +130,24 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         if z is not None:  # before any work: no cache may replace an input or an unasked-for cache
             check_zarr_target(z, d, overwrite=overwrite)
     plans = [None if o is None else _plan(d, o, batch_size, float16) for d, o in zip(dss, outs)]
-    _prepare([p for p in plans if p is not None], overwrite, label)
+    stacks = [p for p in plans if p is not None]
+    _prepare(stacks, overwrite, label)
     nonce = secrets.token_hex(8)
-    summary = None
-    # the report is gathered in a private temporary folder, and copied into each output only when the
-    # run succeeded (a full output disk must not hide the run's own error behind the report's)
-    report = Path(tempfile.mkdtemp(prefix="dparticles-report-")) / REPORT_FILE \
-        if config.get("report") and any(o is not None for o in outs) else None
+    run = JobRun(label, dict(parameters or {}, batch_size=batch_size, float16=float16, project_dir=project),
+                 cluster=cluster, log=log)
     try:
-        with cluster_client(**(cluster or {}), log=log) as client, \
-                dask_report(report) as kept:
-            where = {"scheduler": client.scheduler.address, "workers": len(client.scheduler_info().get("workers", {})),
-                     "dashboard": client.dashboard_link}
-            _keep_verified([p for p in plans if p is not None], client)
-            graph, keys, nbytes = _graph([p for p in plans if p is not None], nonce)
+        with run.tasks(report=bool(stacks)) as client:
+            _keep_verified(stacks, client)
+            graph, keys, nbytes = _graph(stacks, nonce)
             zarr_jobs = [prepare_zarr(d, z, batch_size) for d, z in zip(dss, zarrs) if z is not None]
-            reset_worker_peaks(client)
-            futures = client.get(graph, keys, sync=False) if keys else []
-            futures += [client.compute(job.delayed) for job in zarr_jobs]
-            results, summary = watch(client, futures, label=label, log=log, nbytes=nbytes, peaks_reset=True,
-                                     name_task=lambda key: _task_name(key, [p for p in plans if p is not None]))
-        html = report.read_text() if report is not None and report.is_file() else None
+            results = run.compute(client, lambda c: (c.get(graph, keys, sync=False) if keys else [])
+                                  + [c.compute(job.delayed) for job in zarr_jobs],
+                                  nbytes=nbytes, name_task=lambda key: _task_name(key, stacks))
     except ParticleError as exc:
         raise _located(exc, dss, plans) from None
     finally:
-        for p in plans:
-            if p is not None:
-                remove_temporaries(p.out, nonce)  # and in its stacks and records folders
-        if report is not None:
-            shutil.rmtree(report.parent, ignore_errors=True)
+        for p in stacks:
+            remove_temporaries(p.out, nonce)  # and in its stacks and records folders
     for job in zarr_jobs:
         finish_zarr(job)
     by_key = dict(zip(keys, results))
@@ -172,7 +155,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
     for k, (d, p, z) in enumerate(zip(dss, plans, zarrs)):
         notes = [] if z is None else [next(j.note() for j in zarr_jobs if j.path == z)]
         if p is None:
-            reports.append(StoreResult(None, d.sizes["particle"], 0, 0, summary, notes))
+            reports.append(StoreResult(None, d.sizes["particle"], 0, 0, run.summary, notes))
             continue
         done = [stats for key, r in by_key.items() if key[0] == f"piece-{p.token}" for stats in r.values()]
         _check_written(p)
@@ -180,23 +163,16 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
             written = int(np.diff(p.files)[~p.kept].sum())  # the error is over the files written now
             notes.insert(0, float16_report(done, written * d.sizes["y"] * d.sizes["x"], int(p.kept.sum())))
         write_metadata(p.out, d, *_positions(p, project), cs=d.attrs.get("format") == "cryosparc")
-        result = StoreResult(p.out, d.sizes["particle"], len(p.names), int(p.kept.sum()), summary, notes,
+        result = StoreResult(p.out, d.sizes["particle"], len(p.names), int(p.kept.sum()), run.summary, notes,
                              copied=p.copy is not None)
         reports.append(result)
         given = inputs(d)
-        record = {
-            "job": label, "command": command_line(), "version": __version__,
-            "parameters": dict(parameters or {}, batch_size=batch_size, float16=float16, project_dir=project,
-                               zarr=z),
-            "inputs": given, "started": started, "ended": now(),
-            "seconds": round(time.monotonic() - t0, 3), "particles": result.n_particles, "files": result.n_files,
+        run.record(p.out, d, {
+            "parameters": {"zarr": z}, "inputs": given, "particles": result.n_particles, "files": result.n_files,
             "kept_files": result.kept_files, "pixels_copied_unchanged": result.copied, "box": d.sizes["x"],
             **pixel_sizes(d, given.get("box"), (parameters or {}).get("crop_box")),
             "mode": p.dtype, "micrograph_pixel_size_from": d.attrs.get("micrograph_pixel_size_from"),
-            "outputs": outputs(p.out, p.names), "phases": phases(t0, kept),
-            "throughput": throughput(result.n_particles, summary),
-            "notes": notes, "cluster": where, "summary": summary, "dask_report": kept["dask_report"]}
-        write_run_record(p.out, record, report=record_report(record, html))
+            "outputs": outputs(p.out, p.names), "notes": notes})
     return reports[0] if single else reports
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +19,10 @@ from dparticles.formats.cryosparc import import_signatures
 from dparticles.formats.mrc import read_info
 from dparticles.formats.relion import read_star
 from dparticles.metadata import floats
-from dparticles import __version__
+from dparticles.runner import JobRun
 from dparticles.safe import hold_outputs, prepare_output
-from dparticles.store import project_path, write_metadata
-from dparticles.record import command_line, inputs, now, record_report, write_run_record
 from dparticles.stack import read_infos, resolve_stacks, search_roots
+from dparticles.store import project_path, write_metadata
 
 EXPOSURE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".eer", ".mrc.bz2")
 
@@ -53,7 +51,10 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
     """Import particles: options as :func:`open_particles`, plus linking to exposures by micrograph name.
     The stacks are linked under ``out/stacks`` and named as RELION names them, relative to
     ``project_dir`` (default: the current directory) or absolute when ``out`` lies outside it."""
-    started, t0 = now(), time.monotonic()
+    project = Path(project_dir if project_dir is not None else os.getcwd()).absolute()
+    run = JobRun("import", {"source": str(source), "exposures": exposures, "trim_prefix": trim_prefix,
+                            "trim_suffix": trim_suffix, "keep_unmatched": keep_unmatched, "project_dir": project,
+                            **open_options})
     ds = open_particles(source, **open_options)
     matched = unmatched = None
     if exposures is not None:
@@ -62,7 +63,6 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
         if str(ds.attrs.get("format", "")).startswith("relion") else ({}, [])
     token = tokenize(str(source), sorted(open_options.items()), exposures, trim_prefix, trim_suffix, keep_unmatched)
     out_dir = prepare_output(Path(out).absolute(), ds, overwrite=overwrite, job="import", token=token)
-    project = Path(project_dir if project_dir is not None else os.getcwd()).absolute()
     paths = indices = None
     n_stacks = 0
     if "images" in ds:
@@ -72,15 +72,8 @@ def import_particles(source: str | os.PathLike, out: str | os.PathLike, *, expos
         indices = ds["image_index"].values
     write_metadata(out_dir, ds, paths, indices, cs=True, updates=fields)
     result = ImportResult(Path(out), ds.sizes["particle"], n_stacks, matched, unmatched, notes)
-    record = {"job": "import", "command": command_line(), "version": __version__,
-              "parameters": {"source": str(source), "exposures": exposures, "trim_prefix": trim_prefix,
-                             "trim_suffix": trim_suffix, "keep_unmatched": keep_unmatched, "project_dir": project,
-                             **open_options},
-              "inputs": inputs(ds), "started": started, "ended": now(), "seconds": round(time.monotonic() - t0, 3),
-              "particles": result.n_particles, "stacks_linked": n_stacks, "matched": matched,
-              "unmatched": unmatched, "cs_fields_added": _field_names(fields), "notes": notes}
-    # no dask tasks run here, so the report is the record itself, not a performance report
-    write_run_record(out_dir, record, report=record_report(record))
+    run.record(out_dir, ds, {"particles": result.n_particles, "stacks_linked": n_stacks, "matched": matched,
+                             "unmatched": unmatched, "cs_fields_added": _field_names(fields), "notes": notes})
     return result
 
 
