@@ -102,16 +102,26 @@ def _died(exc: BaseException, futures: list, label: str, name_task: Callable[[An
 
 def _progress_bar(label: str, n: int, nbytes: int | None):
     """A tqdm bar in bytes (or tasks) on a terminal or in Jupyter; None elsewhere (log lines then)."""
-    in_notebook = "ipykernel" in sys.modules
+    in_notebook = _in_jupyter()
     if not (sys.stderr.isatty() or in_notebook) or n == 0:
         return None
     try:
+        if not in_notebook:
+            raise ImportError  # a terminal: the text bar
         import ipywidgets  # noqa: F401  (the widget needs it)
         from tqdm.auto import tqdm
     except ImportError:
         from tqdm import tqdm
     unit = {"unit": "B", "unit_scale": True, "unit_divisor": 1024} if nbytes else {"unit": "task"}
     return tqdm(total=nbytes or n, desc=label, file=sys.stderr, leave=True, dynamic_ncols=True, **unit)
+
+
+def _in_jupyter() -> bool:
+    """Whether this runs in a Jupyter kernel (its IPython shell is the ZMQ one), not merely in a
+    process that has imported ipykernel or IPython."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _progress_line(label: str, done: int, n: int, seconds: float, nbytes: int | None) -> str:

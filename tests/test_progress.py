@@ -45,6 +45,7 @@ def test_watch_gives_results_in_order_with_summary_and_progress_lines(two_worker
     n = 3_000_000
     args = [range(i, i + n * (1 + i % 3)) for i in range(16)]         # uneven task lengths
     log: list[str] = []
+    pytest.importorskip("ipykernel")  # imported here, as by a notebook test: that is not a notebook
     with Client(two_workers) as client, dask.config.set({"dparticles.progress-interval": 0.1}):
         # pure=False: run them now, whatever an earlier test left on the cluster under the same keys
         results, summary = watch(client, client.map(sum, args, pure=False), label="sums", log=log.append,
