@@ -1,4 +1,5 @@
-"""The quickstart notebook runs from a copy in a temporary folder, shows its figures and checks itself."""
+"""The quickstart notebook runs from a copy in a temporary folder, shows its figures and its progress
+widget, and checks itself: the one run of the notebook in the test suite."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat", reason="nbformat comes with the test extras (nbmake)")
-nbclient = pytest.importorskip("nbclient", reason="nbclient comes with the test extras (nbmake)")
+nbformat = pytest.importorskip("nbformat", reason="nbformat comes with the test extras")
+nbclient = pytest.importorskip("nbclient", reason="nbclient comes with the test extras")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 MARKER = "# check: written stacks equal the preview"
