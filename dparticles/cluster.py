@@ -362,8 +362,10 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
     if processes:
         where = {"processes": True, "host": host, "security": security if security is not None else Security.temporary()}
     else:  # in this process: inproc:// needs no credentials; a limit only if one is asked for. Each
-        # worker keeps an HTTP server (health, metrics) that distributed always starts: on loopback
-        where = {"processes": False, "worker_dashboard_address": f"{unparse_host_port(host)}:0"}
+        # worker keeps an HTTP server (health, metrics) that distributed always starts: on loopback.
+        # The dashboard's port is bound now, its pages come after the first second (see _LateDashboard)
+        where = {"processes": False, "worker_dashboard_address": f"{unparse_host_port(host)}:0",
+                 "worker_class": _InProcessWorker, "scheduler_kwargs": {"dashboard": False}}
         mem = 0 if mem == "auto" else mem
     # workers log a failed task with its traceback, and in-process ones log their connections closing
     # as the cluster closes; the job reports an error once, clearly, and nothing else
@@ -386,7 +388,57 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
         limits = {w.get("memory_limit") for w in cluster.scheduler_info.get("workers", {}).values()}
         mem_text = ", ".join(f"{format_bytes(m)} memory" if m else "no memory limit" for m in limits) or str(mem)
         kind = "a local Dask cluster" if processes else "an in-process Dask cluster"
+        late = "" if processes or not cluster.dashboard_link else f" (from {DASHBOARD_AFTER:g} s on)"
         log(f"Started {kind}: {n} worker{'s' * (n != 1)} x {threads} thread{'s' * (threads != 1)}, "
             f"{mem_text} each; "
-            f"dashboard: {cluster.dashboard_link or 'off'}")
+            f"dashboard: {cluster.dashboard_link or 'off'}{late}")
+        if late:
+            stack.enter_context(_LateDashboard(client))
         yield client
+
+
+DASHBOARD_AFTER = 1.0  # seconds: an in-process cluster shows its dashboard once it has run this long
+
+
+class _InProcessWorker(distributed.Worker):
+    """A worker of the in-process cluster: its HTTP server (health, metrics) listens where it is told
+    (loopback), without a bokeh page of its own (the scheduler's dashboard shows every worker)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["dashboard"] = False
+        super().__init__(*args, **kwargs)
+
+
+class _LateDashboard:
+    """Give the in-process scheduler its dashboard pages after :data:`DASHBOARD_AFTER` seconds, on
+    the HTTP server it already listens with (so the port never changes hands). Importing bokeh for
+    the pages takes about 0.4 s, most of a small job's run; a job that short is over before anyone
+    could look at them."""
+
+    def __init__(self, client: distributed.Client) -> None:
+        self.timer = threading.Timer(DASHBOARD_AFTER, self._attach, args=(client,))
+        self.timer.daemon = True
+
+    def __enter__(self) -> _LateDashboard:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
+        self.timer.join()
+
+    @staticmethod
+    def _attach(client: distributed.Client) -> None:
+        try:
+            client.run_on_scheduler(_connect_dashboard)
+        except Exception:  # the cluster closing meanwhile: nothing to show any more
+            pass
+
+
+def _connect_dashboard(dask_scheduler: distributed.Scheduler) -> None:
+    """Add the dashboard's pages to the scheduler's HTTP server, in the scheduler's event loop, as
+    distributed does when it starts a scheduler with its dashboard."""
+    import distributed.dashboard.scheduler
+
+    distributed.dashboard.scheduler.connect(dask_scheduler.http_application, dask_scheduler.http_server,
+                                            dask_scheduler, prefix="/")

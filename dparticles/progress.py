@@ -159,7 +159,7 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
     if not peaks_reset:
         reset_worker_peaks(client)
     t0 = time.monotonic()
-    peak_sampled, n_workers, last_line, last_sample, done, last_step = 0, 0, t0, -1.0, 0, 0
+    peak_sampled, n_workers, last_line, last_sample, done, last_step, nap = 0, 0, t0, -1.0, 0, 0, 0.005
     finished = distributed.as_completed(futures)
     bar = _progress_bar(label, n, nbytes)
     try:
@@ -178,8 +178,10 @@ def watch(client: distributed.Client, futures: list, *, label: str, log: Log = p
             if bar is None and done * 10 // n > last_step and now - last_line >= interval:
                 log(_progress_line(label, done, n, now - t0, nbytes))
                 last_line, last_step = now, done * 10 // n
+            # a short wait while tasks end at once (a small job), up to 0.1 s while they take longer
+            nap = min(nap * 2, 0.1, interval if interval > 0 else 0.05) if not batch else 0.005
             if not batch:
-                time.sleep(min(0.1, interval) if interval > 0 else 0.05)
+                time.sleep(nap)
         results = client.gather(futures)
     except (distributed.KilledWorker, MemoryError) as exc:
         error = _died(exc, futures, label, name_task)  # before cancelling: the failed future names the task

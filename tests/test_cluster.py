@@ -17,7 +17,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from urllib.error import HTTPError
 from urllib.parse import urlparse
+from urllib.request import urlopen
 
 import dask
 import psutil
@@ -121,6 +123,26 @@ def test_embedded_cluster_listens_on_loopback_only_and_is_closed(processes):
                 assert len(ports) == 2 and link.port in ports, ports
     assert client.status == "closed" and cluster.status.name == "closed"
     assert not listening_ports(psutil.Process()) - before
+
+
+def test_the_in_process_dashboard_binds_its_port_at_once_and_shows_its_pages_after_a_second():
+    """A small job does not pay for bokeh (about 0.4 s): the port is bound when the cluster starts
+    (its health page answers), the dashboard's pages are added to it after the first second."""
+    with dask.config.set({"dparticles.cluster.dashboard-address": "127.0.0.1:0"}), \
+            cluster_client(n_workers=1, log=lambda m: None) as client:
+        link = client.dashboard_link
+        assert urlopen(link.replace("/status", "/health"), timeout=10).read() == b"ok"
+        with pytest.raises(HTTPError):
+            urlopen(link, timeout=10)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                page = urlopen(link, timeout=10).read().decode()
+                break
+            except HTTPError:
+                assert time.monotonic() < deadline, "the dashboard never came"
+                time.sleep(0.2)
+        assert "bokeh" in page.lower()
 
 
 def test_explicit_address_and_scheduler_file_are_used_and_left_running(shared_cluster):
