@@ -34,8 +34,10 @@ import pandas as pd
 import xarray as xr
 
 from dparticles import formats
+from dparticles.formats import cryosparc, relion
 from dparticles.errors import ParticleError
 from dparticles.metadata import POSE, UNITS, Table, assign, categorical
+from dparticles.safe import RUN_MARKER
 from dparticles.stack import SOURCE_READ, check_indices, lazy_images, read_infos, resolve_stacks, search_roots
 
 CHUNK_BYTES = 64 * 2**20  # default dask chunk: a few tens of MB of images, whatever the box
@@ -65,6 +67,7 @@ def open_particles(path: str | os.PathLike, *, data_dir: str | os.PathLike | Non
     if hasattr(engine, "open_dataset"):  # the images are in the file itself
         return _finish(engine.open_dataset(path), apply_sign)
     table = engine.open_table(path)
+    _keep_cryosparc_rows(table, path)
     table.attrs["source"] = str(path.resolve())
     particles = _apply_options(table, path, locals_=dict(pixel_size=pixel_size, voltage=voltage, cs=cs,
                                                          amp_contrast=amp_contrast, dose=dose),
@@ -73,6 +76,22 @@ def open_particles(path: str | os.PathLike, *, data_dir: str | os.PathLike | Non
     if not ignore_raw:
         ds = _attach_images(ds, particles, path, data_dir, chunks)
     return _finish(ds, apply_sign)
+
+
+def _keep_cryosparc_rows(table: Table, path: Path) -> None:
+    """The ``particles.star`` of a dparticles output that also holds a ``particles.cs`` (from CryoSPARC
+    metadata, or an import) names the same particles in the same order: record its rows, so that the
+    next job writes the ``.cs`` too, every field kept (see ``formats.cryosparc.write_particles``)."""
+    companion = path.with_name(cryosparc.METADATA_FILE)
+    if path.name != relion.METADATA_FILE or not (path.parent / RUN_MARKER).is_file() or not companion.is_file():
+        return
+    try:
+        rows = len(np.load(companion, mmap_mode="r", allow_pickle=False))
+    except (OSError, ValueError):
+        return
+    if rows == len(table.particles):
+        table.particles = assign(table.particles, {"cs_row": np.arange(rows, dtype=np.int64)})
+        table.attrs[cryosparc.CS_SOURCE] = str(companion.resolve())
 
 
 def _apply_options(table: Table, path: Path, locals_: dict, *, sign: int | None, ignore_pose: bool,

@@ -29,6 +29,7 @@ from dask.utils import key_split
 from dparticles import config, formats
 from dparticles.dataset import table
 from dparticles.errors import ParticleError
+from dparticles.formats.cryosparc import CS_SOURCE
 from dparticles.formats.mrc import (HEADER_BYTES, copy_segments, finish_file, record_path, stack_header, verify_copy,
                                     verify_record, write_segments)
 from dparticles.formats.zarr import check_zarr_target, finish_zarr, prepare_zarr
@@ -448,15 +449,20 @@ def _located(exc: ParticleError, dss: list[xr.Dataset], plans: list) -> Particle
 
 def write_metadata(out: Path, ds: xr.Dataset, paths: np.ndarray | None, indices: np.ndarray | None,
                    *, cs: bool = False, updates: dict | None = None) -> None:
-    """Write ``particles.star`` (and ``particles.cs`` when ``cs``) in ``out`` for the particles of
+    """Write ``particles.star`` (and ``particles.cs`` with its result group ``particles.csg`` when
+    ``cs``, or when the particles came from CryoSPARC metadata) in ``out`` for the particles of
     ``ds``, whose images are now at ``paths`` (named as the metadata names them, see
     :func:`project_path`) / ``indices`` (0-based). ``updates`` replaces canonical columns (new pixel
     size, box, shifts...). Written last, atomically."""
     particles = assign(table(ds, skip=("image_path", "stack_id", "image_name", "image_index")), updates or {})
+    cs = cs or CS_SOURCE in ds.attrs  # CryoSPARC metadata came in: it goes out too
     for name in reversed(formats.OUTPUT_METADATA if cs else ("relion",)):  # particles.star last
-        engine = formats.engine(name)
-        atomic_write(out / engine.METADATA_FILE, lambda tmp: engine.write_particles(
-            tmp, particles, paths, indices, ds.attrs.get("pose", "none")))
+        engine, written = formats.engine(name), {}
+        atomic_write(out / engine.METADATA_FILE, lambda tmp: written.update(
+            data=engine.write_particles(tmp, particles, paths, indices, ds.attrs)))
+        if name == "cryosparc":
+            atomic_write(out / engine.RESULT_GROUP_FILE, lambda tmp: engine.write_result_group(
+                tmp, engine.METADATA_FILE, written["data"], f"{len(particles)} particles written by dparticles"))
 
 
 def project_path(path: Path, project: Path) -> str:

@@ -7,8 +7,8 @@ An engine module holds everything about its format and offers a small common int
 - ``open_table(path) -> metadata.Table`` for metadata whose images lie in stacks (RELION, CryoSPARC,
   a bare MRC stack), or ``open_dataset(path) -> xarray.Dataset`` for a format that holds the images
   itself (a zarr cache);
-- ``METADATA_FILE`` and ``write_particles(path, particles, paths, indices, pose)`` for a format that
-  output folders carry as metadata.
+- ``METADATA_FILE`` and ``write_particles(path, particles, paths, indices, attrs)`` for a format that
+  output folders carry as metadata (``cryosparc`` also writes its result group beside it).
 
 :func:`engine_for` picks the engine of a path for :func:`dparticles.open_particles`, the xarray
 entry point and the CLI alike. A new format is one new module and one line of :data:`ENGINES`.
@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 from dparticles.errors import ParticleError
+from dparticles.safe import read_json
 
 # asked in this order; each module is imported only when a path is put to it
 ENGINES = ("relion", "cryosparc", "mrc", "zarr")
@@ -33,9 +34,14 @@ def engine(name: str) -> ModuleType:
 
 
 def resolve(path: Path) -> Path:
-    """``path``, or for an output folder the metadata file inside it (a zarr cache is itself the input)."""
+    """``path``, or for an output folder the metadata file inside it (a zarr cache is itself the
+    input): the one in the format the folder's particles came in, as its run record (``job.json``)
+    names their metadata, so that CryoSPARC metadata stay CryoSPARC's from job to job; else STAR."""
     if path.is_dir() and not engine("zarr").guess_can_open(path):
-        for name in OUTPUT_METADATA:
+        record = read_json(path / "job.json") or {}
+        came_in = str((record.get("inputs") or {}).get("metadata") or "")
+        first = next((name for name in OUTPUT_METADATA if came_in.endswith(engine(name).SUFFIXES)), None)
+        for name in sorted(OUTPUT_METADATA, key=lambda name: name != first):
             inside = path / engine(name).METADATA_FILE
             if inside.is_file():
                 return inside

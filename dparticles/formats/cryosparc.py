@@ -31,10 +31,78 @@ def open_table(path: Path) -> Table:
     return from_cs(read_cs(path), path)
 
 
+RESULT_GROUP_FILE = "particles.csg"  # beside METADATA_FILE: what CryoSPARC's Import Result Group job reads
+CS_SOURCE = "cs_source"  # attrs: the .cs whose rows (coordinate ``cs_row``) the particles are
+
+
 def write_particles(path: Path, particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray | None,
-                    pose: str) -> None:
-    """Write the canonical table as a CryoSPARC dataset at ``path`` (the caller makes it atomic)."""
-    write_cs(path, to_cs(particles, paths, indices, pose))
+                    attrs: dict) -> np.ndarray:
+    """Write the canonical table as a CryoSPARC dataset at ``path`` (the caller makes it atomic) and
+    return it. Particles that came from a ``.cs`` (``attrs[CS_SOURCE]``, rows ``cs_row``) keep its
+    rows: every field as it was, bit for bit and in its dtype, but those the job changed (where the
+    images are, their box and pixel size, shifts and coordinates after recentring)."""
+    data = to_cs(particles, paths, indices, attrs.get("pose", "none"))
+    source = attrs.get(CS_SOURCE)
+    if source and "cs_row" in particles:
+        original = read_cs(source)[particles["cs_row"].to_numpy()]
+        if "uid" not in particles and "uid" in original.dtype.names:  # a STAR file beside it holds none
+            data["uid"] = original["uid"]
+        data = kept_as_they_were(original, data)
+    write_cs(path, data)
+    return data
+
+
+def kept_as_they_were(original: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``new`` in the layout of ``original`` (its fields, order, dtypes and shapes; new fields after
+    them): each value of ``original`` kept bit for bit unless ``new`` changed it. A number counts as
+    changed by more than 4 units in the last place of the original's float type (the round trip
+    through the canonical table's degrees and Euler angles moves one by one or two), text by any
+    difference; text longer than its field widens the field."""
+    fields = [(name, original.dtype.fields[name][0]) for name in original.dtype.names]
+    for k, (name, dtype) in enumerate(fields):
+        if name in new.dtype.names and dtype.base.kind == "S":
+            width = max(dtype.base.itemsize, new.dtype.fields[name][0].base.itemsize)
+            fields[k] = (name, np.dtype((f"S{width}", dtype.shape)))
+    fields += [(name, new.dtype.fields[name][0]) for name in new.dtype.names if name not in original.dtype.names]
+    out = np.empty(len(original), dtype=fields)
+    for name in original.dtype.names:
+        out[name] = original[name]
+        if name not in new.dtype.names:
+            continue
+        old, now = original[name], new[name]
+        if old.dtype.kind == "f":
+            tol = 4 * np.spacing(np.abs(old).astype(old.dtype))
+            same_value = (np.abs(now.astype(np.float64) - old) <= tol) | (np.isnan(now) & np.isnan(old))
+        else:
+            same_value = now == old
+        changed = ~same_value.reshape(len(old), -1).all(axis=1)
+        if changed.any():
+            out[name][changed] = now[changed]
+    for name in new.dtype.names:
+        if name not in original.dtype.names:
+            out[name] = new[name]
+    return out
+
+
+def write_result_group(path: Path, metafile: str, data: np.ndarray, description: str) -> None:
+    """Write the result group (``.csg``) of the dataset ``metafile`` beside it, as CryoSPARC's own
+    exports write one (a YAML file: the group, then one result per slot of the dataset, each naming
+    the dataset relative to the group's folder with CryoSPARC's ``>`` prefix), so that CryoSPARC's
+    Import Result Group job takes the particles back."""
+    import datetime
+
+    import yaml
+
+    from dparticles import __version__
+
+    slots = sorted({name.split("/", 1)[0] for name in data.dtype.names if "/" in name})
+    group = {"created": datetime.datetime.now().isoformat(sep=" "),
+             "group": {"description": description, "name": "particles", "title": "Particles", "type": "particle"},
+             "results": {slot: {"metafile": f">{metafile}", "num_items": int(len(data)), "type": f"particle.{slot}"}
+                         for slot in slots},
+             "version": f"dparticles-{__version__}"}
+    with open(path, "w") as f:
+        yaml.safe_dump(group, f, sort_keys=True)
 
 
 def read_cs(path: str | os.PathLike) -> np.ndarray:
@@ -130,7 +198,10 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
     kind = _alignments(names)
     if kind is not None:
         pose = "3d" if kind == "alignments3D" else "2d"
-        psize = take(f"{kind}/psize_A").astype(np.float64) if f"{kind}/psize_A" in names else out["pixel_size"]
+        if f"{kind}/psize_A" in names:  # shifts are in pixels of the alignments' own pixel size
+            psize = out["alignment_pixel_size"] = same_or(float32_decimal(take(f"{kind}/psize_A")))
+        else:
+            psize = out["pixel_size"]
         shift = take(f"{kind}/shift").astype(np.float64)
         out["shift_x"] = shift[:, 0] * psize
         out["shift_y"] = shift[:, 1] * psize
@@ -154,7 +225,9 @@ def from_cs(data: np.ndarray, path: Path) -> Table:
         else:
             for i in range(col.shape[1]):
                 out[f"{key}[{i}]"] = np.ascontiguousarray(col[:, i])
-    return Table(pd.DataFrame(out, index=pd.RangeIndex(len(data)), copy=False), {"format": "cryosparc", "pose": pose})
+    out["cs_row"] = np.arange(len(data), dtype=np.int64)  # each particle's row here, for write_particles
+    return Table(pd.DataFrame(out, index=pd.RangeIndex(len(data)), copy=False),
+                 {"format": "cryosparc", "pose": pose, CS_SOURCE: str(Path(path).resolve())})
 
 
 # The .cs fields read above: (shape per particle, type, bound, what the field means). A type is "int"
@@ -321,7 +394,8 @@ def to_cs(particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray
         cols["location/center_y_frac"] = (particles["coord_y"].to_numpy() / ny).astype(np.float32)
     if pose != "none" and "shift_x" in particles:
         kind = "alignments3D" if pose == "3d" else "alignments2D"
-        psize = particles["pixel_size"].to_numpy(np.float64)
+        own = "alignment_pixel_size" if "alignment_pixel_size" in particles else "pixel_size"
+        psize = particles[own].to_numpy(np.float64)  # the alignments' pixel size stays theirs
         cols[f"{kind}/shift"] = np.stack([particles["shift_x"].to_numpy() / psize,
                                           particles["shift_y"].to_numpy() / psize], axis=1).astype(np.float32)
         cols[f"{kind}/psize_A"] = psize.astype(np.float32)

@@ -79,7 +79,7 @@ def open_table(path: Path) -> Table:
 
 
 def write_particles(path: Path, particles: pd.DataFrame, paths: np.ndarray | None, indices: np.ndarray | None,
-                    pose: str) -> None:
+                    attrs: dict) -> None:
     """Write the canonical table as a RELION 3.1 STAR file at ``path`` (the caller makes it atomic);
     the images at ``paths`` / ``indices`` (0-based)."""
     write_star(path, to_star(particles, paths, indices))
