@@ -67,7 +67,9 @@ def main() -> None:
             label = f"{BOX}->{box}" + (f", lowpass {lowpass:g} Å, recentred" if filt else "")
             loop_args = ["--box", str(box), "--threads", str(a.threads)] + (
                 ["--lowpass", str(lowpass), "--recenter"] if filt else [])
-            options = {"fourier_box": box, "lowpass": lowpass, "recenter": filt}
+            # the set has only the movies' pixel size (rlnMicrographOriginalPixelSize): the micrographs' is given
+            options = {"fourier_box": box, "lowpass": lowpass, "recenter": filt,
+                       "micrograph_pixel_size": PIXEL_SIZE if filt else None}
             methods = {
                 f"{LOOP} ({a.threads} threads), {label}": lambda o: common.runner(
                     "fft-loop", str(ps.all_star), str(o), *loop_args),
@@ -78,7 +80,8 @@ def main() -> None:
             if k == 0:
                 methods[f"dparticles CLI, {label}"] = lambda o: [dp, "downsample", str(ps.all_star), "--out", str(o),
                                                                  "--fourier-box", str(box), "--overwrite"] + (
-                    ["--lowpass", str(lowpass), "--recenter"] if filt else [])
+                    ["--lowpass", str(lowpass), "--recenter", "--micrograph-pixel-size", str(PIXEL_SIZE)]
+                    if filt else [])
             for method, cmd in methods.items():
                 if not common.wanted(method, a.skip):
                     continue

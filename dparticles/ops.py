@@ -37,10 +37,13 @@ from dparticles.errors import ParticleError
 
 __all__ = ["crop", "downsample", "fourier_crop", "lowpass", "map_particles", "recenter"]
 
-# micrograph pixel size for recentred coordinates, best evidence first (see CONVENTIONS.md)
-MICROGRAPH_PIXEL_SIZE = ("star_optics:rlnMicrographPixelSize", "star:rlnMicrographPixelSize",
-                         "cs:location.micrograph_psize_A", "star_optics:rlnMicrographOriginalPixelSize",
-                         "star:rlnMicrographOriginalPixelSize")
+# micrograph pixel size for recentred coordinates: evidence about micrographs only, best first (see
+# CONVENTIONS.md), each coordinate with the RELION or CryoSPARC label it holds. rlnMicrographOriginalPixelSize
+# is not among them: it is the movies' pixel size, which motion correction may have binned.
+MICROGRAPH_PIXEL_SIZE = {"star_optics:rlnMicrographPixelSize": "rlnMicrographPixelSize",
+                         "star:rlnMicrographPixelSize": "rlnMicrographPixelSize",
+                         "cs:location.micrograph_psize_A": "location/micrograph_psize_A"}
+MOVIE_PIXEL_SIZE = ("star_optics:rlnMicrographOriginalPixelSize", "star:rlnMicrographOriginalPixelSize")
 _LISTS = (list, tuple, np.ndarray)
 MAX_UPSAMPLING = 4  # Fourier boxes beyond this many times the box are refused as typos
 TASK_SHARE = 0.75  # of dparticles.memory-budget a task's arrays may hold; the rest is the worker's own
@@ -152,8 +155,10 @@ def downsample(ds: xr.Dataset, *, crop_box: int | None = None, fourier_box: int 
         Apply each particle's shift (needs 2D or 3D alignments).
     micrograph_pixel_size : float, optional
         Å per micrograph pixel, for moving the picking coordinates; default: the best evidence in the
-        metadata (:data:`MICROGRAPH_PIXEL_SIZE`, in order), else the particle pixel size (with a
-        warning). ``attrs["micrograph_pixel_size_from"]`` says which was used.
+        metadata (:data:`MICROGRAPH_PIXEL_SIZE`, in order). Particles with coordinates and no such
+        evidence are refused. ``attrs["micrograph_pixel_size_from"]`` names the label used
+        (``rlnMicrographPixelSize``, ``location/micrograph_psize_A`` or ``--micrograph-pixel-size``);
+        particles without coordinates have none.
 
     Returns
     -------
@@ -360,9 +365,13 @@ def _once(boxes: list[int], pixel_size) -> list[int]:
 
 def _shifts_px(ds: xr.Dataset, psize: np.ndarray) -> np.ndarray:
     """Each particle's origin in input pixels, shaped (n, 2) as (ox, oy)."""
-    if ds.attrs.get("pose", "none") == "none" or "shift_x" not in ds.coords or "shift_y" not in ds.coords:
+    pose = ds.attrs.get("pose", "none")
+    if pose == "none":
         raise ParticleError("--recenter needs aligned shifts (2D or 3D alignments), and these particles have none",
                             path=ds.attrs.get("source"))
+    if "shift_x" not in ds.coords or "shift_y" not in ds.coords:
+        raise ParticleError(f"--recenter needs aligned shifts, and these particles have {pose.upper()} angles but "
+                            "no shifts (origins) to recentre by", path=ds.attrs.get("source"))
     shifts = np.stack([ds["shift_x"].values / psize, ds["shift_y"].values / psize], axis=1).astype(np.float64)
     bad = ~np.isfinite(shifts).all(axis=1)
     if bad.any():
@@ -372,27 +381,30 @@ def _shifts_px(ds: xr.Dataset, psize: np.ndarray) -> np.ndarray:
     return shifts
 
 
-def _micrograph_pixel_size(ds: xr.Dataset, override: float | None) -> tuple[np.ndarray, str]:
-    """Per-particle micrograph pixel size (Å) and where it came from: the argument, else the first
-    of :data:`MICROGRAPH_PIXEL_SIZE` present, else the particle pixel size (right only for particles
-    extracted without rescaling; warned about when there are coordinates to move)."""
+def _micrograph_pixel_size(ds: xr.Dataset, override: float | None) -> tuple[np.ndarray, str | None]:
+    """Per-particle micrograph pixel size (Å) for moving the picking coordinates, and the label it came
+    from: the argument, else the first of :data:`MICROGRAPH_PIXEL_SIZE` present. Particles without
+    coordinates need none (NaN, no label); with coordinates and no evidence they are refused."""
     n = ds.sizes["particle"]
+    if "coord_x" not in ds.coords and "coord_y" not in ds.coords:
+        return np.full(n, np.nan), None
     if override is not None:
-        return np.full(n, float(override)), "micrograph_pixel_size argument"
-    for name in MICROGRAPH_PIXEL_SIZE:
+        return np.full(n, float(override)), "--micrograph-pixel-size"
+    for name, label in MICROGRAPH_PIXEL_SIZE.items():
         if name in ds.coords:
             values = np.asarray(ds[name].values, dtype=np.float64)
             bad = ~(np.isfinite(values) & (values > 0))
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
-                raise ParticleError(f"{name} {ds[name].values[row]!r} is not a pixel size greater than 0 Å; "
-                                    "give micrograph_pixel_size", path=ds.attrs.get("source"), particle=row + 1)
-            return values, name
-    if "coord_x" in ds.coords or "coord_y" in ds.coords:
-        warnings.warn("the metadata gives no micrograph pixel size, so recentred coordinates assume the particles' "
-                      "own pixel size (extraction without rescaling); give micrograph_pixel_size "
-                      "(--micrograph-pixel-size) if they were rescaled", UserWarning, stacklevel=3)
-    return ds["pixel_size"].values.astype(np.float64), "pixel_size"
+                raise ParticleError(f"{label} {float(values[row])!r} is not a pixel size greater than 0 Å; "
+                                    "give --micrograph-pixel-size", path=ds.attrs.get("source"), particle=row + 1)
+            return values, label
+    movies = next((np.unique(ds[name].values) for name in MOVIE_PIXEL_SIZE if name in ds.coords), None)
+    hint = "" if movies is None else (f"; rlnMicrographOriginalPixelSize {', '.join(f'{v:g}' for v in movies)} Å "
+                                      "is the movies', which motion correction may have binned")
+    raise ParticleError("--recenter moves the picking coordinates in micrograph pixels, and the metadata give no "
+                        "micrograph pixel size (looked for rlnMicrographPixelSize, location/micrograph_psize_A"
+                        f"{hint}); give --micrograph-pixel-size", path=ds.attrs.get("source"))
 
 
 def _result(ds: xr.Dataset, images: da.Array, box: int, new_psize: np.ndarray, mic: np.ndarray | None = None,

@@ -43,7 +43,7 @@ def test_plain_xarray_opens_a_zarr_cache_without_warnings(real, tmp_path):
 
 def test_coordinates_carry_units_through_transforms(real):
     ds = dparticles.open_particles(real / SELECT)
-    small = dparticles.ops.downsample(ds, fourier_box=64, recenter=True)
+    small = dparticles.ops.downsample(ds, fourier_box=64, recenter=True, micrograph_pixel_size=0.7)
     for d in (ds, small):
         assert d["defocus_u"].attrs["units"] == "angstrom" and d["pixel_size"].attrs["units"] == "angstrom"
         assert d["shift_x"].attrs["units"] == "angstrom" and d["coord_x"].attrs["units"] == "pixel"

@@ -176,14 +176,15 @@ def test_recentring_brings_an_off_centre_particle_to_the_box_centre(tmp_path, bo
     star = _set(tmp_path / "in", images, psize, origins_px=origins, coords=coords, optics_extra=extra)
     np.testing.assert_allclose(_centroid(images), c - origins, atol=1e-6)  # the simulation is right
     kwargs = {"fourier_box": out_box} if out_box != box else {}
-    downsample(star, tmp_path / "out", recenter=True, batch_size=3, log=quiet, **kwargs)
+    given = {} if mic_psize else {"micrograph_pixel_size": 1.2}  # without rlnMicrographPixelSize it must be given
+    downsample(star, tmp_path / "out", recenter=True, batch_size=3, log=quiet, **kwargs, **given)
     out = out_images(tmp_path / "out")
     assert out.shape == (4, out_box, out_box)
     np.testing.assert_allclose(_centroid(out), out_box // 2, atol=0.01)
     assert all(np.unravel_index(np.argmax(im), im.shape) == (out_box // 2, out_box // 2) for im in out)
     t = star_tables(tmp_path / "out" / "particles.star")["particles"]
     assert (t["rlnOriginXAngst"] == 0).all() and (t["rlnOriginYAngst"] == 0).all()
-    mic = mic_psize or psize  # without rlnMicrographPixelSize: extraction without rescaling assumed
+    mic = mic_psize or 1.2
     np.testing.assert_allclose(t["rlnCoordinateX"], coords[:, 0] - origins[:, 0] * psize / mic, rtol=1e-12)
     np.testing.assert_allclose(t["rlnCoordinateY"], coords[:, 1] - origins[:, 1] * psize / mic, rtol=1e-12)
     # without --recenter the particles stay where they were (scaled), and so do the metadata
@@ -195,7 +196,7 @@ def test_recentring_brings_an_off_centre_particle_to_the_box_centre(tmp_path, bo
 
 def test_micrograph_pixel_size_given_moves_coordinates_in_micrograph_pixels(tmp_path):
     """Particles extracted with rescaling (2.8 Å particles from 0.7 Å micrographs): the coordinate moves
-    by the origin in micrograph pixels, and a log note warns when that pixel size had to be guessed."""
+    by the origin in micrograph pixels; without that pixel size recentring is refused, never guessed."""
     origins = np.array([[4.0, -2.0], [1.0, 3.0]])
     images = _blobs(32, np.array([[16, 16]]) - origins)
     coords = np.array([[1000.0, 2000.0], [1500.0, 300.0]])
@@ -206,8 +207,9 @@ def test_micrograph_pixel_size_given_moves_coordinates_in_micrograph_pixels(tmp_
     t = star_tables(tmp_path / "given" / "particles.star")["particles"]
     np.testing.assert_allclose(t["rlnCoordinateX"], coords[:, 0] - origins[:, 0] * 4, rtol=1e-12)
     np.testing.assert_allclose(t["rlnCoordinateY"], coords[:, 1] - origins[:, 1] * 4, rtol=1e-12)
-    downsample(star, tmp_path / "guessed", recenter=True, log=notes.append)
-    assert any("--micrograph-pixel-size" in n for n in notes)
+    with pytest.raises(ParticleError, match="give no micrograph pixel size .*; give --micrograph-pixel-size$"):
+        downsample(star, tmp_path / "guessed", recenter=True, log=quiet)
+    assert not (tmp_path / "guessed").exists()
     with pytest.raises(ParticleError, match="micrograph pixel size"):
         downsample(star, tmp_path / "bad", recenter=True, micrograph_pixel_size=-1.0, log=quiet)
 
@@ -316,9 +318,11 @@ def test_star_pixel_sizes_origins_and_coordinates(real, tmp_path):
         with h as mrc:
             assert float(mrc.voxel_size.x) == pytest.approx(2.8 * 112 / 84) and int(mrc.header.mode) == 2
     # recentred: origins 0, coordinates moved by the origin in micrograph pixels: these 2.8 Å particles
-    # were extracted with rescaling from 0.7 Å micrographs (rlnMicrographOriginalPixelSize), as the run says
-    results = downsample(src, tmp_path / "rec", fourier_box=64, recenter=True, batch_size=100, log=quiet)
-    assert any("rlnMicrographOriginalPixelSize" in n for n in results[0].notes)
+    # were extracted with rescaling from 0.7 Å micrographs (the movies' rlnMicrographOriginalPixelSize:
+    # no evidence about the micrographs, so it is given), as the run says
+    results = downsample(src, tmp_path / "rec", fourier_box=64, recenter=True, micrograph_pixel_size=0.7,
+                         batch_size=100, log=quiet)
+    assert "recentred coordinates use the micrograph pixel size from --micrograph-pixel-size" in results[0].notes
     p_rec = star_tables(tmp_path / "rec" / "particles.star")["particles"]
     assert (p_rec["rlnOriginXAngst"] == 0).all() and (p_rec["rlnOriginYAngst"] == 0).all()
     np.testing.assert_allclose(p_rec["rlnCoordinateX"], p_in["rlnCoordinateX"] - p_in["rlnOriginXAngst"] / 0.7,

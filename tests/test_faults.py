@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(300)
 # restack: many small batches (byte copies, fsync each); downsample: fewer, slower ones (box 256,
 # two Fourier crops with lowpass and recentring in one pass), two output folders
 RESTACK = {"batch_size": 6}
-DOWNSAMPLE = {"fourier_box": [128, 64], "lowpass": 8.0, "recenter": True, "batch_size": 8}
+DOWNSAMPLE = {"fourier_box": [128, 64], "lowpass": 8.0, "recenter": True, "micrograph_pixel_size": 1.2, "batch_size": 8}
 
 
 @pytest.fixture(scope="module")

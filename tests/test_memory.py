@@ -120,7 +120,8 @@ CHUNKS = {
     "pad": ({"crop_box": 512, "fourier_box": 16}, "100MB"),
     "pad-only": ({"crop_box": 1024}, "100MB"),
     "crop-fourier-pad": ({"crop_box": 24, "fourier_box": 96, "lowpass": 6.0}, "4MB"),
-    "sizes-recentred": ({"crop_box": 256, "fourier_box": [16, 64, 256], "lowpass": 6.0, "recenter": True}, "40MB"),
+    "sizes-recentred": ({"crop_box": 256, "fourier_box": [16, 64, 256], "lowpass": 6.0, "recenter": True,
+                         "micrograph_pixel_size": 1.0}, "40MB"),
 }
 
 
@@ -189,10 +190,11 @@ def test_job_under_a_small_budget_writes_the_same_bytes(star, tmp_path):
         for budget in ("64MB", "2GB"):
             with dask.config.set({"dparticles.memory-budget": budget, "dparticles.report": False}):
                 downsample(star, tmp_path / budget, crop_box=512, fourier_box=[16, 24], lowpass=6.0, recenter=True,
-                           batch_size=7, log=lambda line: None)
+                           micrograph_pixel_size=1.0, batch_size=7, log=lambda line: None)
     for budget, tasks in (("64MB", 7), ("2GB", 1)):  # under 64 MB, tasks of 6 particles (16 would not fit)
         with dask.config.set({"dparticles.memory-budget": budget}):
-            out = ops.downsample(open_particles(star), crop_box=512, fourier_box=[16, 24], lowpass=6.0, recenter=True)
+            out = ops.downsample(open_particles(star), crop_box=512, fourier_box=[16, 24], lowpass=6.0, recenter=True,
+                                 micrograph_pixel_size=1.0)
         assert len(out[0]["images"].data.chunks[0]) == tasks
     for box in ("box16", "box24"):
         small, large = tmp_path / "64MB" / box / "stacks", tmp_path / "2GB" / box / "stacks"

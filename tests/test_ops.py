@@ -21,7 +21,6 @@ from dparticles.dataset import open_particles
 from dparticles.errors import ParticleError
 
 SELECT = "relion31_sim_ribo70S_b128/Select/job010/particles.star"
-NO_MIC_PSIZE = "ignore:the metadata gives no micrograph pixel size"
 
 
 @pytest.fixture(scope="module", params=[(1.5,), (1.5, 2.0)], ids=["one-group", "two-groups"])
@@ -64,7 +63,8 @@ CASES = [
     ("lowpass", lambda ds: ops.lowpass(ds, 4.0), lambda ds: reference(ds, [16], lowpass=4.0)),
     ("recenter", lambda ds: ops.recenter(ds, micrograph_pixel_size=1.0), lambda ds: reference(ds, [16], recenter=True)),
     ("sizes", lambda ds: ops.fourier_crop(ds, [8, 6]), lambda ds: reference(ds, [8, 6])),
-    ("all", lambda ds: ops.downsample(ds, crop_box=12, fourier_box=[8, 6], lowpass=5.0, recenter=True),
+    ("all", lambda ds: ops.downsample(ds, crop_box=12, fourier_box=[8, 6], lowpass=5.0, recenter=True,
+                                      micrograph_pixel_size=1.0),
      lambda ds: reference(ds, [8, 6], crop_box=12, lowpass=5.0, recenter=True)),
     ("pad-lowpass", lambda ds: ops.downsample(ds, crop_box=20, fourier_box=10, lowpass=4.0),
      lambda ds: reference(ds, [10], crop_box=20, lowpass=4.0)),
@@ -72,7 +72,6 @@ CASES = [
 ]
 
 
-@pytest.mark.filterwarnings(NO_MIC_PSIZE)
 @pytest.mark.parametrize("chunks", [1, 3, 5, 12], ids=lambda c: f"chunks{c}")
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_equals_kernels_whatever_the_chunking(star, case, chunks):
@@ -179,7 +178,7 @@ def test_per_particle_arrays_travel_as_one_slice_per_block(star):
 def test_real_set_several_sizes_equal_kernels(real):
     ds = open_particles(real / SELECT, chunks=50)
     assert ds.sizes["particle"] == 284 and ds["images"].data.numblocks[0] == 6
-    outs = ops.downsample(ds, fourier_box=[64, 32], lowpass=8.0, recenter=True)
+    outs = ops.downsample(ds, fourier_box=[64, 32], lowpass=8.0, recenter=True, micrograph_pixel_size=0.7)
     psize = ds["pixel_size"].values
     shifts = np.stack([ds["shift_x"].values, ds["shift_y"].values], axis=1) / psize[:, None]
     want = kernels.downsample(ds["images"].values, [64, 32], pixel_size=2.8, lowpass=8.0, shifts=shifts)
@@ -200,7 +199,6 @@ def test_target_pixel_size_gives_nearest_even_box(real):
 
 # --- nothing is read at build time --------------------------------------------------------------
 
-@pytest.mark.filterwarnings(NO_MIC_PSIZE)
 def test_building_reads_nothing(tmp_path):
     star, _ = simple_set(tmp_path / "p")
     ds = open_particles(star, chunks=3)
@@ -208,8 +206,9 @@ def test_building_reads_nothing(tmp_path):
         os.truncate(stack, 1024)  # the header only: every image is gone
     with pytest.raises(ParticleError, match="shorter than its header says"):
         open_particles(star)  # opening again checks the stacks, so they are really broken
-    built = [ops.crop(ds, 8), ops.fourier_crop(ds, 8), ops.lowpass(ds, 4.0), ops.recenter(ds),
-             *ops.downsample(ds, crop_box=12, fourier_box=[8, 6], lowpass=5.0, recenter=True)]
+    mic = {"micrograph_pixel_size": 1.0}
+    built = [ops.crop(ds, 8), ops.fourier_crop(ds, 8), ops.lowpass(ds, 4.0), ops.recenter(ds, **mic),
+             *ops.downsample(ds, crop_box=12, fourier_box=[8, 6], lowpass=5.0, recenter=True, **mic)]
     for out in built:
         assert out["box"].values[0] == out.sizes["x"]  # metadata are ready without any pixel
         with pytest.raises(ParticleError, match="ended early"):
@@ -221,11 +220,11 @@ def test_building_reads_nothing(tmp_path):
 def test_metadata_updated_and_everything_else_kept(real):
     ds = open_particles(real / SELECT, chunks=50)
     before = ds.copy(deep=True)
-    outs = ops.downsample(ds, crop_box=100, fourier_box=[64, 50], recenter=True)
+    outs = ops.downsample(ds, crop_box=100, fourier_box=[64, 50], recenter=True, micrograph_pixel_size=0.7)
     changed = ["pixel_size", "box", "shift_x", "shift_y", "coord_x", "coord_y"]
     pixels = ["y", "x"]  # the images and anything on their pixel grid, which the new box replaces
     psize = ds["pixel_size"].values
-    mic = 0.7  # star_optics:rlnMicrographOriginalPixelSize, the only evidence in this file
+    mic = 0.7  # given: the file has only rlnMicrographOriginalPixelSize, the movies' pixel size
     for out, b in zip(outs, [64, 50]):
         assert out.sizes["x"] == out.sizes["y"] == b
         assert out["pixel_size"].dtype == np.float64
@@ -238,7 +237,7 @@ def test_metadata_updated_and_everything_else_kept(real):
         kept, before_kept = out.drop_vars(changed).drop_dims(pixels), ds.drop_vars(changed).drop_dims(pixels)
         xr.testing.assert_equal(kept, before_kept)
         assert set(kept.coords) == set(before_kept.coords)  # stack_path, image_index, ...: the sources stay known
-        assert out.attrs == ds.attrs | {"micrograph_pixel_size_from": "star_optics:rlnMicrographOriginalPixelSize"}
+        assert out.attrs == ds.attrs | {"micrograph_pixel_size_from": "--micrograph-pixel-size"}
     assert ds.attrs == before.attrs
     xr.testing.assert_identical(ds.drop_vars("images"), before.drop_vars("images"))  # the input is untouched
 
@@ -251,16 +250,14 @@ def test_crop_keeps_pixel_size_and_shifts(real):
         np.testing.assert_array_equal(out[name].values, ds[name].values)
 
 
-# (coordinates added to the real file, argument, evidence used, its value)
+# (coordinates added to the real file, argument, label of the evidence used, its value)
 EVIDENCE = [
-    ({}, None, "star_optics:rlnMicrographOriginalPixelSize", 0.7),
-    ({"star:rlnMicrographOriginalPixelSize": 0.9}, None, "star_optics:rlnMicrographOriginalPixelSize", 0.7),
-    ({"cs:location.micrograph_psize_A": 1.3}, None, "cs:location.micrograph_psize_A", 1.3),
-    ({"star:rlnMicrographPixelSize": 1.4, "cs:location.micrograph_psize_A": 1.3}, None,
-     "star:rlnMicrographPixelSize", 1.4),
+    ({"cs:location.micrograph_psize_A": 1.3}, None, "location/micrograph_psize_A", 1.3),
+    ({"star:rlnMicrographPixelSize": 1.4, "cs:location.micrograph_psize_A": 1.3}, None, "rlnMicrographPixelSize", 1.4),
     ({"star_optics:rlnMicrographPixelSize": 1.5, "star:rlnMicrographPixelSize": 1.4}, None,
-     "star_optics:rlnMicrographPixelSize", 1.5),
-    ({"star_optics:rlnMicrographPixelSize": 1.5}, 2.0, "micrograph_pixel_size argument", 2.0),
+     "rlnMicrographPixelSize", 1.5),
+    ({"star_optics:rlnMicrographPixelSize": 1.5}, 2.0, "--micrograph-pixel-size", 2.0),
+    ({}, 0.7, "--micrograph-pixel-size", 0.7),
 ]
 
 
@@ -276,16 +273,16 @@ def test_micrograph_pixel_size_best_evidence_first(real, added, argument, source
                                rtol=1e-15)
 
 
-def test_particle_pixel_size_assumed_with_one_warning(tmp_path):
-    star, _ = simple_set(tmp_path / "p", pixel_sizes=(1.5, 2.0))
-    ds = open_particles(star)
-    with pytest.warns(UserWarning, match="no micrograph pixel size") as record:
-        outs = ops.downsample(ds, fourier_box=[8, 6], recenter=True)
-    assert len(record) == 1
-    for out in outs:
-        assert out.attrs["micrograph_pixel_size_from"] == "pixel_size"
-        np.testing.assert_allclose(out["coord_y"].values,
-                                   ds["coord_y"].values - ds["shift_y"].values / ds["pixel_size"].values)
+@pytest.mark.parametrize("added", [{}, {"star:rlnMicrographOriginalPixelSize": 0.9}])
+def test_movie_pixel_size_is_no_evidence(real, added):
+    """rlnMicrographOriginalPixelSize is the movies' (motion correction may bin): with coordinates to
+    move and nothing about the micrographs, recentring is refused, whatever the particle pixel size."""
+    ds = open_particles(real / SELECT)
+    ds = ds.assign_coords({k: ("particle", np.full(ds.sizes["particle"], v)) for k, v in added.items()})
+    with pytest.raises(ParticleError, match=r"give no micrograph pixel size .*rlnMicrographOriginalPixelSize 0.7 Å "
+                                            r"is the movies'.*give --micrograph-pixel-size$"):
+        ops.downsample(ds, fourier_box=[64, 32], recenter=True)
+    assert "micrograph_pixel_size_from" not in ops.recenter(ds.drop_vars(["coord_x", "coord_y"])).attrs
 
 
 # --- argument errors, before any graph ----------------------------------------------------------

@@ -48,7 +48,8 @@ def test_relion_reads_restacked_particles_bit_for_bit(tmp_path):
 
 def test_relion_reads_downsampled_metadata_as_written(tmp_path):
     out = tmp_path / "small"
-    downsample(SELECT, out, fourier_box=64, recenter=True, batch_size=100, cluster={"n_workers": 1}, log=quiet)
+    downsample(SELECT, out, fourier_box=64, recenter=True, micrograph_pixel_size=0.7, batch_size=100,
+               cluster={"n_workers": 1}, log=quiet)
     _relion("relion_star_handler", "--i", "particles.star", "--o", tmp_path / "relion.star", cwd=out)
     relion = starfile.read(tmp_path / "relion.star", always_dict=True)
     ours = starfile.read(out / "particles.star", always_dict=True)

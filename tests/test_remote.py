@@ -32,7 +32,7 @@ RECORDS = ("job.json", "note.txt", "report.html")   # when and how it ran: diffe
 COMMANDS = {
     "restack": ["restack", "Select/job010/particles.star", "--data-dir", "raw/a", "--batch-size", "10"],
     "downsample": ["downsample", "Select/job011/particles.star", "--data-dir", "raw/b", "--fourier-box", "12",
-                   "--lowpass", "6", "--recenter", "--batch-size", "5"],
+                   "--lowpass", "6", "--recenter", "--micrograph-pixel-size", "1.5", "--batch-size", "5"],
 }
 
 

@@ -25,7 +25,7 @@ def test_the_readme_lines_run_as_a_plain_script(tmp_path: Path) -> None:
         import dparticles
         ds = dparticles.open_particles({str(star)!r})
         sel = ds.where(ds.defocus_u < 15000, drop=True)
-        small = dparticles.ops.downsample(sel, fourier_box=16, lowpass=8, recenter=True)
+        small = dparticles.ops.downsample(sel, fourier_box=16, lowpass=8, recenter=True, micrograph_pixel_size=0.7)
         print(small.images[:4].values.shape)
         dparticles.to_stacks(small, "Downsample/job030", batch_size=10)
         dparticles.restack(sel, "Restack/job020")

@@ -220,7 +220,8 @@ def preview(client, real):
     """The Select set downsampled lazily (box 64, lowpass 25 Å, recentred), computed once."""
     src = real / SELECT
     ds = dparticles.open_particles(src)
-    prev = ops.downsample(ds, fourier_box=64, lowpass=25, recenter=True)  # coarser than the new Nyquist limit, 11.2 Å
+    prev = ops.downsample(ds, fourier_box=64, lowpass=25, recenter=True,  # coarser than the new Nyquist limit, 11.2 Å
+                          micrograph_pixel_size=0.7)
     return src, prev, prev.images.values
 
 
@@ -244,8 +245,8 @@ def test_preview_equals_the_written_stacks(preview, tmp_path):
 def test_downsample_job_bytes_do_not_depend_on_chunks_or_batch_size(preview, tmp_path, batch_size, chunks):
     src, _, values = preview
     out = tmp_path / "out"
-    (result,) = dparticles.downsample(src, out, fourier_box=64, lowpass=25, recenter=True, batch_size=batch_size,
-                                      chunks=chunks, log=quiet)
+    (result,) = dparticles.downsample(src, out, fourier_box=64, lowpass=25, recenter=True, micrograph_pixel_size=0.7,
+                                      batch_size=batch_size, chunks=chunks, log=quiet)
     assert result.n_files == -(-284 // batch_size)
     got = written(out)
     assert got.tobytes() == values.tobytes()
@@ -336,7 +337,8 @@ def _damage(out: Path) -> list[str]:
 RESUMED = {
     "restack": lambda ds, out, **kw: dparticles.restack(ds, out, batch_size=10, log=quiet, **kw),
     "downsample": lambda ds, out, **kw: dparticles.downsample(ds, out, fourier_box=16, recenter=True,
-                                                              batch_size=10, log=quiet, **kw)[0],
+                                                              micrograph_pixel_size=1.2, batch_size=10, log=quiet,
+                                                              **kw)[0],
     "float16": lambda ds, out, **kw: dparticles.to_stacks(ds.isel(particle=slice(None, None, -1)), out,
                                                           batch_size=10, float16=True, log=quiet, **kw),
 }

@@ -61,7 +61,7 @@ def downsample(source: str | os.PathLike | xr.Dataset, out: str | os.PathLike, *
         achieved = sorted({float(p) for p in r["pixel_size"].values})
         w.notes.insert(0, f"box {ds.sizes['x']} -> " + (f"crop {crop_box} -> " if crop_box else "")
                        + f"{r.sizes['x']}: pixel size " + ", ".join(f"{p:.6g}" for p in achieved) + " Å")
-        if r.attrs.get("micrograph_pixel_size_from"):
+        if recenter and r.attrs.get("micrograph_pixel_size_from"):  # only when there were coordinates to move
             w.notes.append(f"recentred coordinates use the micrograph pixel size from "
                            f"{r.attrs['micrograph_pixel_size_from']}")
     return written

@@ -51,6 +51,7 @@ def describe(ds: xr.Dataset) -> dict:
     info["sign"] = signs[0] if len(signs) == 1 else signs
     info["ctf"] = bool(ds.attrs.get("has_ctf", False))
     info["alignments"] = ds.attrs.get("pose", "none")
+    info["shifts"] = info["alignments"] != "none" and "shift_x" in c and "shift_y" in c  # what --recenter applies
     info["exposures"] = int((c["exposure"].values != "").sum()) if "exposure" in c else 0
     info["duplicate_images"] = _duplicates(ds) if "image_path" in c else 0
     return info
@@ -106,7 +107,8 @@ def format_text(info: dict) -> str:
         lines.append(f"optics {g['optics_group']}:    {g.get('name')}: {g['n_particles']} particles, "
                      f"{_num(g.get('pixel_size'))} Å/px, {_num(g.get('voltage'))} kV, Cs {_num(g.get('cs'))} mm, "
                      f"Q0 {_num(g.get('amp_contrast'))}")
-    lines.append(f"metadata:    CTF {'yes' if info['ctf'] else 'no'}, alignments {info['alignments']}, "
+    alignments = info["alignments"] + ("" if info["alignments"] == "none" or info["shifts"] else " (angles, no shifts)")
+    lines.append(f"metadata:    CTF {'yes' if info['ctf'] else 'no'}, alignments {alignments}, "
                  f"exposures linked {info['exposures']}, duplicate image references {info['duplicate_images']}")
     if info["stacks"]:
         lines.append("stacks (in use / on disk):")

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 RESTACK = {"batch_size": 6}
-DOWNSAMPLE = {"fourier_box": [128, 64], "lowpass": 8.0, "recenter": True, "batch_size": 8}
+DOWNSAMPLE = {"fourier_box": [128, 64], "lowpass": 8.0, "recenter": True, "micrograph_pixel_size": 1.2, "batch_size": 8}
 
 
 @pytest.fixture(scope="module")
