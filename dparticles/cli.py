@@ -30,8 +30,20 @@ EXAMPLES = {
     "downsample": """examples:
   dparticles downsample Restack/job020 --out Downsample/job030 --fourier-box 128
   dparticles downsample Restack/job020 --out Downsample/job031 --approx-pixel-size 2.1 4.2   # one folder each
-  dparticles downsample Restack/job020 --out Downsample/job032 --fourier-box 160 --lowpass 8 --recenter""",
+  dparticles downsample Restack/job020 --out Downsample/job032 --fourier-box 160 --lowpass 8 --recenter
+  dparticles downsample Extract/job007/particles.star --out Downsample/job033 --recenter --micrograph-pixel-size 0.7""",
+    "demo": """examples:
+  dparticles demo --out dparticles-demo
+  dparticles demo --out /tmp/dparticles-demo --n-workers 2""",
 }
+INPUT_HELP = "RELION .star, CryoSPARC .cs, a bare .mrcs/.mrc stack, an earlier output folder or a zarr cache"
+
+
+def _default(key: str) -> str:
+    """A setting's value as help text, e.g. ``default: 5000 (dparticles.batch-size)``."""
+    from dparticles import config
+    value = config.get(key)
+    return f"default: {str(value).lower() if isinstance(value, bool) else value} (dparticles.{key})"
 
 
 def _open_options(p: argparse.ArgumentParser) -> None:
@@ -50,16 +62,19 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where it runs (default: a local cluster on this machine)")
     g.add_argument("--scheduler", help="address of a running dask scheduler, e.g. tcp://10.0.0.5:8786")
     g.add_argument("--scheduler-file", help="scheduler file written by dask-scheduler or dask-jobqueue")
-    g.add_argument("--n-workers", type=int, help="workers of the local cluster")
-    g.add_argument("--threads-per-worker", type=int, help="threads per local worker")
-    g.add_argument("--memory-limit", help="memory limit per local worker, e.g. 4GB")
+    g.add_argument("--n-workers", type=int, help="workers of the local cluster; default: as many as fit, "
+                                                 "min(CPUs, 80%% of RAM / dparticles.memory-budget)")
+    g.add_argument("--threads-per-worker", type=int,
+                   help=f"threads per local worker; {_default('cluster.threads-per-worker')}")
+    g.add_argument("--memory-limit", help="memory limit per local worker, e.g. 4GB (auto: none in-process, RAM / "
+                                          f"workers for --processes); {_default('cluster.memory-limit')}")
     g.add_argument("--processes", action="store_true", default=None,
                    help="run the local workers as processes (each under a nanny that restarts it beyond "
-                        "--memory-limit) instead of threads in this process (dparticles.cluster.processes)")
+                        f"--memory-limit) instead of threads in this process; {_default('cluster.processes')}")
     g.add_argument("--jobqueue", choices=("slurm", "pbs"),
                    help="submit worker jobs with dask-jobqueue (profile: jobqueue.slurm / jobqueue.pbs in the "
                         "dask config); pending jobs are reported with the batch system's reason")
-    g.add_argument("--jobs", type=int, help="worker jobs to keep with --jobqueue (default: dparticles.cluster.jobs)")
+    g.add_argument("--jobs", type=int, help=f"worker jobs to keep with --jobqueue; {_default('cluster.jobs')}")
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
@@ -110,21 +125,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     p = add("info", help="what a particle set holds: counts, bytes, box, optics, metadata")
-    p.add_argument("input")
+    p.add_argument("input", help=INPUT_HELP)
     _open_options(p)
     p.add_argument("--ignore-raw", action="store_true", help="metadata only")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = add("restack", help="write the particles in use into new stacks of N (Restack Particles)")
-    p.add_argument("input", help="RELION .star, CryoSPARC .cs, an earlier output folder or a zarr cache")
+    p.add_argument("input", help=INPUT_HELP)
     p.add_argument("--out", help="output folder (stacks/ and particles.star)")
-    p.add_argument("--batch-size", type=int, help="particles per output stack (default: dparticles.batch-size)")
+    p.add_argument("--batch-size", type=int, help=f"particles per output stack; {_default('batch-size')}")
     _output_options(p)
     _open_options(p)
     _cluster_options(p)
 
     p = add("downsample", help="crop, Fourier crop, lowpass, recentre (Downsample Particles)")
-    p.add_argument("input", help="RELION .star, CryoSPARC .cs, an earlier output folder or a zarr cache")
+    p.add_argument("input", help=INPUT_HELP)
     p.add_argument("--out", required=True, help="output folder (one sub-folder boxN per size when several)")
     p.add_argument("--crop-box", type=int, help="real-space crop or pad (with each image's mean) to this box first")
     size = p.add_mutually_exclusive_group()
@@ -134,9 +149,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lowpass", type=float, help="lowpass corner resolution (Å); raised-cosine edge 2 shells wide")
     p.add_argument("--recenter", action="store_true", help="shift each particle by its aligned shift (3D, else 2D)")
     p.add_argument("--micrograph-pixel-size", type=float,
-                   help="pixel size (Å) of the micrographs the picking coordinates refer to, for --recenter, "
-                        "when the metadata does not give it (particles extracted with rescaling)")
-    p.add_argument("--batch-size", type=int, help="particles per output stack (default: dparticles.batch-size)")
+                   help="pixel size (Å) of the micrographs the picking coordinates refer to, for --recenter "
+                        "when the metadata give none (no rlnMicrographPixelSize or location/micrograph_psize_A)")
+    p.add_argument("--batch-size", type=int, help=f"particles per output stack; {_default('batch-size')}")
     _output_options(p)
     _open_options(p)
     _cluster_options(p)
