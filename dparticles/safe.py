@@ -14,8 +14,10 @@ ends, so a second run on the same folder is refused at once (naming the first), 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import fcntl
+import fnmatch
 import functools
 import getpass
 import json
@@ -26,7 +28,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 RUN_MARKER = ".dparticles-run.json"  # the run record: this folder is a dparticles output, of this job and token
 LOCK = ".dparticles-lock"  # held (flock) by the run writing the folder; removed when it ends
 RECORDS = ".dparticles"  # folder of an output that holds the records of its finished stacks
-METADATA = ("particles.star", "particles.cs")
+METADATA = ("particles.star", "particles.cs", "particles.csg")
 RUN_FILES = ("job.json", "note.txt", "report.html")  # the record of the run beside its results (dparticles.record)
 _BATCH = re.compile(r"batch_\d{6,}\.mrcs")
 TMP_MARK = ".dparticles-tmp"  # in the name of every temporary
@@ -354,6 +356,27 @@ class _Held:
 
 
 _SESSION: contextvars.ContextVar[list | None] = contextvars.ContextVar("dparticles_job", default=None)
+_HOST: contextvars.ContextVar[tuple[str, tuple[str, ...]] | None] = contextvars.ContextVar("dparticles_host",
+                                                                                         default=None)
+
+
+@contextlib.contextmanager
+def host_folder(folder: str | os.PathLike, patterns: tuple[str, ...]) -> Iterator[None]:
+    """Within: the output folder ``folder``, made for this run by the program that runs it (RELION's
+    job folder of an External job), may also hold that program's own files, regular files named by
+    ``patterns`` (fnmatch): they are neither refused, nor counted as work, nor removed by ``overwrite``."""
+    token = _HOST.set((os.path.realpath(folder), tuple(patterns)))
+    try:
+        yield
+    finally:
+        _HOST.reset(token)
+
+
+def _hosts(folder: Path, name: str) -> bool:
+    """Whether ``name`` in ``folder`` is a file of the program that made the folder (:func:`host_folder`)."""
+    host = _HOST.get()
+    return (host is not None and os.path.realpath(folder) == host[0]
+            and any(fnmatch.fnmatchcase(name, p) for p in host[1]) and is_regular(folder / name))
 
 
 def hold_outputs(func: Callable) -> Callable:
@@ -451,23 +474,25 @@ def prepare_output(out: Path, ds: xr.Dataset, *, overwrite: bool, job: str, toke
 def _check_existing(folder: Path, named: Path, *, overwrite: bool, job: str, token: str) -> None:
     """Refuse an existing folder that may not be written: see :func:`prepare_output`."""
     try:
-        entries = [e for e in os.listdir(folder) if e != LOCK]
+        entries = [e for e in os.listdir(folder) if e != LOCK and not _hosts(folder, e)]
     except OSError as exc:
         raise ParticleError(f"could not read the output folder ({exc.strerror or exc})", path=named) from None
     if not entries:
         return
     marker = read_json(folder / RUN_MARKER)
-    if overwrite:
-        if marker is None:
-            raise ParticleError("the output folder is not empty and is not a dparticles output (it has no run "
-                                f"record {RUN_MARKER}); --overwrite replaces only what dparticles wrote: empty "
-                                "it yourself or choose another --out", path=named)
-        foreign = _foreign(folder)
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise ParticleError(f"the output folder holds files dparticles did not write ({shown}); --overwrite "
-                                "replaces only dparticles outputs: move them or choose another --out", path=named)
-    elif marker is None or (marker.get("job"), marker.get("token")) != (job, token):
+    if marker is None:  # not ours: --overwrite would refuse it too, so it is not suggested
+        what = "--overwrite replaces only what dparticles wrote: empty it yourself or choose another --out" \
+            if overwrite else "choose another --out, or empty it"
+        raise ParticleError("the output folder is not empty and is not a dparticles output (it has no run "
+                            f"record {RUN_MARKER}); {what}", path=named)
+    if not overwrite and (marker.get("job"), marker.get("token")) == (job, token):
+        return  # an unfinished run of this job with the same arguments: resumed
+    foreign = _foreign(folder)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ParticleError(f"the output folder holds files dparticles did not write ({shown}); --overwrite "
+                            "replaces only dparticles outputs: move them or choose another --out", path=named)
+    if not overwrite:
         raise ParticleError("output folder exists and is not empty (nor an unfinished run of this job with "
                             "the same arguments); use --overwrite to replace it", path=named)
 
@@ -478,6 +503,8 @@ def _foreign(folder: Path) -> list[str]:
     (batch files, temporaries, links to stacks), the records folder, zarr caches and temporaries."""
     foreign = []
     for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        if _hosts(folder, e.name):
+            continue
         real_dir = e.is_dir(follow_symlinks=False)
         if TMP_MARK in e.name or (e.name in (RUN_MARKER, LOCK, *METADATA, *RUN_FILES) and not real_dir):
             continue
@@ -509,7 +536,7 @@ def _empty(folder: Path, named: Path) -> None:
     so an interrupted removal can be asked again."""
     try:
         for e in os.scandir(folder):
-            if e.name in (RUN_MARKER, LOCK):
+            if e.name in (RUN_MARKER, LOCK) or _hosts(folder, e.name):
                 continue
             if e.name in ("stacks", RECORDS) and e.is_dir(follow_symlinks=False):
                 for s in os.scandir(e.path):
@@ -645,7 +672,7 @@ def _no_work(folder: Path) -> bool:
     """Whether ``folder`` holds only a run record, a lock and empty sub-folders."""
     try:
         for e in os.scandir(folder):
-            if e.name in (RUN_MARKER, LOCK):
+            if e.name in (RUN_MARKER, LOCK) or _hosts(folder, e.name):
                 continue
             if e.name in ("stacks", RECORDS) and e.is_dir(follow_symlinks=False) and not os.listdir(e.path):
                 continue

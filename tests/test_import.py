@@ -181,7 +181,7 @@ def test_import_existing_output(particle_set, tmp_path, capsys):
     (out / "keep.txt").write_text("user data")
     assert main(["import", str(star), "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "not empty" in err and "--overwrite" in err
+    assert "not empty" in err and "choose another --out, or empty it" in err and "--overwrite" not in err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert main(["import", str(star), "--out", str(out), "--overwrite"]) == 1  # not ours: kept as it is
     assert "is not a dparticles output" in capsys.readouterr().err
