@@ -143,7 +143,8 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
             zarr_jobs = [prepare_zarr(d, z, batch_size) for d, z in zip(dss, zarrs) if z is not None]
             results = run.compute(client, lambda c: (c.get(graph, keys, sync=False) if keys else [])
                                   + [c.compute(job.delayed) for job in zarr_jobs],
-                                  nbytes=nbytes, name_task=lambda key: _task_name(key, stacks))
+                                  nbytes=nbytes + sum(job.raw_bytes for job in zarr_jobs),
+                                  name_task=lambda key: _task_name(key, stacks))
     except ParticleError as exc:
         raise _located(exc, dss, plans) from None
     finally:

@@ -1,6 +1,6 @@
 """What a new RELION or CryoSPARC user reads in the first hour: the one-line messages and notes of
-recentring (which micrograph pixel size moved the coordinates, and when there is none), of ``--help``,
-and of ``info`` on a set with angles but no shifts. Real runs
+recentring (which micrograph pixel size moved the coordinates, and when there is none), of an output
+folder that is not ours, of ``--help``, and of ``info`` on a set with angles but no shifts. Real runs
 through the command line (``main([...])``) and the API, with the exact lines."""
 
 from __future__ import annotations
@@ -108,6 +108,36 @@ def test_coordinates_without_any_evidence_are_refused(tmp_path):
         "size (looked for rlnMicrographPixelSize, location/micrograph_psize_A); give --micrograph-pixel-size")
 
 
+# --- an output folder that is not ours ------------------------------------------------------------
+
+def test_a_folder_that_is_not_ours_is_not_offered_overwrite(real, tmp_path, capsys):
+    notes = tmp_path / "MyNotes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    src = real / SELECT
+    start = f"dparticles restack: error: {notes}: the output folder is not empty and is not a dparticles output " \
+            "(it has no run record .dparticles-run.json); "
+    code, _, err = run(["restack", src, "--out", notes], capsys)
+    assert code == 1 and error_line(err) == start + "choose another --out, or empty it"
+    code, _, err = run(["restack", src, "--out", notes, "--overwrite"], capsys)
+    assert code == 1
+    assert error_line(err) == start + "--overwrite replaces only what dparticles wrote: empty it yourself or choose " \
+                                      "another --out"
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+
+def test_an_output_holding_other_files_is_not_offered_overwrite(tmp_path, capsys):
+    star, _ = simple_set(tmp_path / "p")
+    out = tmp_path / "out"
+    assert run(["restack", star, "--out", out, "--n-workers", "1"], capsys)[0] == 0
+    (out / "todo.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):  # another run of another size: --overwrite would refuse it too
+        code, _, err = run(["restack", star, "--out", out, "--batch-size", "5", *extra], capsys)
+        assert code == 1 and error_line(err) == (
+            f"dparticles restack: error: {out}: the output folder holds files dparticles did not write (todo.txt); "
+            "--overwrite replaces only dparticles outputs: move them or choose another --out")
+
+
 # --- --help -----------------------------------------------------------------------------------------
 
 def help_text(args: list[str], capsys, monkeypatch) -> str:
@@ -161,3 +191,13 @@ def test_subtomogram_set_with_angles_but_no_origins(real, tmp_path, capsys):
         "but no shifts (origins) to recentre by")
     code, out, _ = run(["info", real / SELECT], capsys)
     assert "alignments 3d," in out  # with shifts: nothing added
+
+
+# --- a zarr-only run counts what it wrote --------------------------------------------------------------
+
+def test_a_zarr_only_restack_reports_the_bytes_it_wrote(tmp_path, capsys):
+    star, images = simple_set(tmp_path / "p")
+    code, _, err = run(["restack", star, "--zarr", tmp_path / "c.zarr"], capsys)
+    assert code == 0, err
+    summary = next(line for line in err.splitlines() if line.startswith("restack: "))
+    assert f", {dask.utils.format_bytes(images.nbytes)} written (" in summary, summary
