@@ -78,8 +78,9 @@ def run_demo(out: str | Path, **cluster) -> None:
             print(result)
         print(f"dashboard was at {client.dashboard_link}")
     print(f"\nresults in {out.resolve()}:\n  import/     linked stacks + particles.star/.cs\n"
-          "  restack/    consolidated stacks of 100 particles + particles.star\n"
-          "  downsample/ 48-px recentred, 8 Å lowpassed stacks + particles.star\n"
+          "  restack/    consolidated stacks of 100 particles + particles.star/.cs\n"
+          "  downsample/ 48-px recentred, 8 Å lowpassed stacks + particles.star/.cs\n"
+          "each particles.cs with its result group particles.csg, for CryoSPARC's Import Result Group\n"
           "each with job.json, note.txt and report.html (the run's record as a page that opens offline)\n\n"
           f"next: dparticles info {out / 'downsample'}\n"
           f"      dparticles downsample {out / 'restack'} --out {out / 'small'} --approx-pixel-size 4.5\n"
