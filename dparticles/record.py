@@ -57,6 +57,8 @@ def command_line() -> str:
     argv = list(sys.argv)
     if argv and Path(argv[0]).name in ("dparticles", "cli.py", "__main__.py"):
         return shlex.join(["dparticles", *argv[1:]])
+    if argv and Path(argv[0]).name == "dparticles-relion":  # RELION's External job
+        return shlex.join(["dparticles-relion", *argv[1:]])
     return shlex.join(["python", *argv]) if argv and argv[0] else "python (interactive)"
 
 
