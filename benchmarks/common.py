@@ -469,3 +469,17 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def import_micros(py: str, cwd: Path, modules: str) -> dict[str, int]:
+    """Microseconds of ``import modules`` in a fresh interpreter (``-X importtime``), the self times
+    summed by top-level package."""
+    proc = subprocess.run([py, "-X", "importtime", "-c", f"import {modules}"], cwd=cwd, capture_output=True,
+                          text=True, check=True)
+    total: dict[str, int] = {}
+    for line in proc.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line)
+        if m:
+            root = m.group(2).split(".")[0]
+            total[root] = total.get(root, 0) + int(m.group(1))
+    return total

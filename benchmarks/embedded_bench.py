@@ -43,9 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -338,15 +336,8 @@ def small_part(a: argparse.Namespace, py: str, dp: str) -> str:
 
 def import_times(py: str, cwd: Path) -> str:
     """Self import times summed by top-level package, of what the command line loads."""
-    proc = subprocess.run([py, "-X", "importtime", "-c",
-                           "import dparticles.cli, dparticles.jobs.restack, dparticles.jobs.downsample, distributed"],
-                          cwd=cwd, capture_output=True, text=True, check=True)
-    total: dict[str, int] = {}
-    for line in proc.stderr.splitlines():
-        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line)
-        if m:
-            root = m.group(2).split(".")[0]
-            total[root] = total.get(root, 0) + int(m.group(1))
+    total = common.import_micros(py, cwd, "dparticles.cli, dparticles.jobs.restack, dparticles.jobs.downsample, "
+                                          "distributed")
     top = sorted(total.items(), key=lambda kv: -kv[1])[:12]
     return (f"`-X importtime` of `dparticles.cli`, both job modules and distributed (self times summed by package, "
             f"one run): {sum(total.values()) / 1e6:.2f} s in all; " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in top))

@@ -59,7 +59,6 @@ import glob  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -490,14 +489,7 @@ def targets(by: dict[str, Row], files: int) -> str:
 
 def import_times(py: str, cwd: Path) -> str:
     """Import time by top-level package (self times summed) of what the downsample command loads."""
-    proc = subprocess.run([py, "-X", "importtime", "-c", "import dparticles.cli, dparticles.jobs.downsample"],
-                          cwd=cwd, capture_output=True, text=True, check=True)
-    total: dict[str, int] = {}
-    for line in proc.stderr.splitlines():
-        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line)
-        if m:
-            root = m.group(2).split(".")[0]
-            total[root] = total.get(root, 0) + int(m.group(1))
+    total = common.import_micros(py, cwd, "dparticles.cli, dparticles.jobs.downsample")
     everything = sum(total.values())
     top = sorted(total.items(), key=lambda kv: -kv[1])[:10]
     return (f"imports of `dparticles.cli` + `dparticles.jobs.downsample` (`-X importtime`, self times summed "
