@@ -29,14 +29,20 @@ def quiet(*_: object) -> None:
     pass
 
 
+@pytest.fixture(params=[False, True], ids=["in-process", "processes"])
+def cluster(request) -> dict:
+    """One worker, on a thread of this process (the default) or as a process of its own."""
+    return {"n_workers": 1, "processes": request.param}
+
+
 def _relion(*args: object, cwd) -> None:
     run = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_relion_reads_restacked_particles_bit_for_bit(tmp_path):
+def test_relion_reads_restacked_particles_bit_for_bit(tmp_path, cluster):
     out = tmp_path / "restacked"
-    restack(SELECT, out, batch_size=100, cluster={"n_workers": 1}, log=quiet)
+    restack(SELECT, out, batch_size=100, cluster=cluster, log=quiet)
     # RELION gathers every particle named in our particles.star from our stacks into one stack
     _relion("relion_stack_create", "--i", "particles.star", "--o", tmp_path / "relion", "--one_by_one", cwd=out)
     with mrcfile.open(tmp_path / "relion.mrcs", permissive=True) as mrc:
@@ -46,10 +52,10 @@ def test_relion_reads_restacked_particles_bit_for_bit(tmp_path):
     assert relion.tobytes() == ours.tobytes()
 
 
-def test_relion_reads_downsampled_metadata_as_written(tmp_path):
+def test_relion_reads_downsampled_metadata_as_written(tmp_path, cluster):
     out = tmp_path / "small"
     downsample(SELECT, out, fourier_box=64, recenter=True, micrograph_pixel_size=0.7, batch_size=100,
-               cluster={"n_workers": 1}, log=quiet)
+               cluster=cluster, log=quiet)
     _relion("relion_star_handler", "--i", "particles.star", "--o", tmp_path / "relion.star", cwd=out)
     relion = starfile.read(tmp_path / "relion.star", always_dict=True)
     ours = starfile.read(out / "particles.star", always_dict=True)
@@ -64,16 +70,16 @@ def test_relion_reads_downsampled_metadata_as_written(tmp_path):
         assert np.array(mrc.data).tobytes() == open_particles(out).images.values.tobytes()
 
 
-def test_relion_run_from_the_project_directory_reads_our_outputs(tmp_path, monkeypatch):
+def test_relion_run_from_the_project_directory_reads_our_outputs(tmp_path, monkeypatch, cluster):
     """RELION resolves image names relative to the project directory it runs in; our outputs inside
     a project name their stacks that way (the current directory by default), so RELION finds them."""
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
     import_particles(SELECT, "Import/job005")
-    restack("Import/job005", "Restack/job020", batch_size=100, cluster={"n_workers": 1}, log=quiet)
+    restack("Import/job005", "Restack/job020", batch_size=100, cluster=cluster, log=quiet)
     downsample("Restack/job020/particles.star", "Downsample/job021", fourier_box=64, batch_size=100,
-               cluster={"n_workers": 1}, log=quiet)
+               cluster=cluster, log=quiet)
     names = starfile.read(project / "Restack/job020/particles.star")["particles"]["rlnImageName"]
     assert names.iloc[0] == "000001@Restack/job020/stacks/batch_000000.mrcs"
     ours = {"Import/job005": open_particles(SELECT).images.values,
