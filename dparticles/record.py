@@ -41,10 +41,9 @@ from dask.utils import format_bytes, parse_timedelta
 
 from dparticles import config
 from dparticles.formats.mrc import read_info
-from dparticles.safe import atomic_write, write_record
+from dparticles.safe import METADATA, atomic_write, write_record
 
 JOB_FILE, NOTE_FILE, REPORT_FILE = "job.json", "note.txt", "report.html"
-METADATA_FILES = ("particles.star", "particles.cs")
 
 
 def now() -> str:
@@ -80,7 +79,7 @@ def inputs(ds: xr.Dataset) -> dict:
 
 def outputs(out: Path, stacks: Sequence[str]) -> dict:
     """The files a run leaves in ``out``: its metadata and the ``stacks`` (paths relative to ``out``)."""
-    metadata = [name for name in METADATA_FILES if (out / name).is_file()]
+    metadata = [name for name in METADATA if (out / name).is_file()]
     files = metadata + list(stacks)
     return {"folder": out, "files": len(files), "bytes": int(sum(os.path.getsize(out / f) for f in files)),
             "metadata": metadata, "stacks": len(stacks), "first_stacks": list(stacks[:3])}
