@@ -41,7 +41,7 @@ from dask.utils import format_bytes, parse_timedelta
 
 from dparticles import config
 from dparticles.formats.mrc import read_info
-from dparticles.safe import METADATA, atomic_write, write_record
+from dparticles.safe import METADATA, atomic_write, hosted, write_record
 
 JOB_FILE, NOTE_FILE, REPORT_FILE = "job.json", "note.txt", "report.html"
 
@@ -148,11 +148,13 @@ def phases(t0: float, kept: dict) -> dict:
 
 def write_run_record(out: Path, record: dict, report: str | None = None) -> None:
     """Write ``job.json``, a RELION-style ``note.txt`` and the ``report`` page (HTML) in ``out``,
-    each atomically."""
+    each atomically; a ``note.txt`` that the program running the job keeps there (RELION's, in an
+    External job's folder: :func:`dparticles.safe.hosted`) is left as it is."""
     write_record(str(out / JOB_FILE), _plain(record), indent=1)
     note = (f" ++++ Executing new job on {record.get('started', now())}\n"
             f" ++++ with the following command(s): \n{record.get('command', command_line())}\n ++++ \n")
-    atomic_write(out / NOTE_FILE, lambda tmp: tmp.write_text(note))
+    if not hosted(out / NOTE_FILE):
+        atomic_write(out / NOTE_FILE, lambda tmp: tmp.write_text(note))
     if report is not None:
         atomic_write(out / REPORT_FILE, lambda tmp: tmp.write_text(report))
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dparticles import __version__
 from dparticles.errors import ParticleError
-from dparticles.safe import atomic_write, host_folder, is_regular, open_regular, read_small
+from dparticles.safe import atomic_write, host_folder, is_regular, open_regular
 
 log = logging.getLogger("dparticles")
 
@@ -121,7 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.INFO)
-    note = read_small(folder / "note.txt"), _inode(folder / "note.txt")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     stop = threading.Event()
     try:
@@ -154,23 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         stop.set()
         signal.signal(signal.SIGTERM, previous)
-        _keep_note(folder / "note.txt", *note)
-
-
-def _keep_note(path: Path, text: bytes | None, inode: int | None) -> None:
-    """Put back RELION's ``note.txt`` (with the user's notes) if the run's record replaced it."""
-    if text is not None and _inode(path) != inode:
-        try:
-            atomic_write(path, lambda tmp: tmp.write_bytes(text))
-        except ParticleError as exc:
-            print(f"dparticles-relion: error: {exc}", file=sys.stderr)
-
-
-def _inode(path: Path) -> int | None:
-    try:
-        return os.lstat(path).st_ino
-    except OSError:
-        return None
 
 
 def _one_line(exc: ParticleError | OSError) -> str:

@@ -372,6 +372,12 @@ def host_folder(folder: str | os.PathLike, patterns: tuple[str, ...]) -> Iterato
         _HOST.reset(token)
 
 
+def hosted(path: Path) -> bool:
+    """Whether ``path`` is a file of the program that made its folder for this run (:func:`host_folder`),
+    which a writer leaves as it is (RELION's ``note.txt`` of the job)."""
+    return _hosts(Path(path).parent, Path(path).name)
+
+
 def _hosts(folder: Path, name: str) -> bool:
     """Whether ``name`` in ``folder`` is a file of the program that made the folder (:func:`host_folder`)."""
     host = _HOST.get()
