@@ -235,8 +235,9 @@ def lock_is_held(lock: Path) -> bool:
 # --- inputs --------------------------------------------------------------------------------------
 
 def _input_paths(ds: xr.Dataset) -> list[str]:
-    """Every file a dataset reads, as the dataset names it (links not resolved)."""
-    paths = [str(ds.attrs[k]) for k in ("source", "zarr") if k in ds.attrs]
+    """Every file a dataset reads, as the dataset names it (links not resolved): its metadata, a zarr
+    cache, the .cs whose rows its particles.cs is written from (``cs_source``), its stacks."""
+    paths = [str(ds.attrs[k]) for k in ("source", "zarr", "cs_source") if k in ds.attrs]
     for name in ("stack_path", "image_path"):
         if name in ds.coords:
             paths += [str(p) for p in np.unique(ds[name].values.astype(str))]

@@ -132,3 +132,17 @@ def test_a_star_pipeline_keeps_the_cs_the_import_made(tmp_path, monkeypatch):
     # a STAR file alone gives a STAR file alone
     assert main(["-q", "restack", str(star), "--out", "Restack/job012"]) == 0
     assert sorted(p.name for p in (tmp_path / "Restack/job012").glob("particles.*")) == ["particles.star"]
+
+
+def test_the_cs_a_job_keeps_rows_of_is_an_input_no_output_may_replace(tmp_path, monkeypatch):
+    """A zarr cache of CryoSPARC particles writes its particles.cs from the .cs it came from: that file
+    is an input, and --overwrite of the folder holding it is refused before anything is removed."""
+    monkeypatch.chdir(tmp_path)
+    source = cs_set(tmp_path)
+    assert main(["-q", "import", str(source), "--out", "Import/job030"]) == 0
+    assert main(["-q", "restack", "Import/job030", "--zarr", "c.zarr"]) == 0
+    before = (tmp_path / "Import/job030/particles.cs").read_bytes()
+    assert main(["restack", "c.zarr", "--out", "Import/job030", "--overwrite"]) == 1
+    assert (tmp_path / "Import/job030/particles.cs").read_bytes() == before
+    assert main(["-q", "restack", "c.zarr", "--out", "Restack/job031"]) == 0
+    assert differing(load(source), load(tmp_path / "Restack/job031/particles.cs")) == ["blob/path", "blob/idx"]
