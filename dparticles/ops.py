@@ -422,6 +422,8 @@ def _result(ds: xr.Dataset, images: da.Array, box: int, new_psize: np.ndarray, m
                              for name, value in coords.items()})  # units stay
     out["images"] = (("particle", "y", "x"), images)
     out.attrs = dict(ds.attrs)
+    if mic is not None:  # recentred now: what an earlier recentring said no longer describes the coordinates
+        out.attrs.pop("micrograph_pixel_size_from", None)
     if mic_from is not None:
         out.attrs["micrograph_pixel_size_from"] = mic_from
     return out

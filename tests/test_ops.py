@@ -283,6 +283,10 @@ def test_movie_pixel_size_is_no_evidence(real, added):
                                             r"is the movies'.*give --micrograph-pixel-size$"):
         ops.downsample(ds, fourier_box=[64, 32], recenter=True)
     assert "micrograph_pixel_size_from" not in ops.recenter(ds.drop_vars(["coord_x", "coord_y"])).attrs
+    # a second recentring without coordinates does not keep what the first one said of them
+    once = ops.recenter(ds, micrograph_pixel_size=0.7).drop_vars(["coord_x", "coord_y"])
+    assert once.attrs["micrograph_pixel_size_from"] == "--micrograph-pixel-size"
+    assert "micrograph_pixel_size_from" not in ops.recenter(once).attrs
 
 
 # --- argument errors, before any graph ----------------------------------------------------------
