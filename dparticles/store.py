@@ -101,7 +101,8 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
               overwrite: bool = False, cluster: dict | None = None, project_dir: str | os.PathLike | None = None,
               label: str = "write", parameters: dict | None = None, log=print) -> StoreResult | list[StoreResult]:
     """Write ``ds`` as ``out/stacks/batch_NNNNNN.mrcs`` of ``batch_size`` particles plus
-    ``out/particles.star`` (and ``particles.cs`` for CryoSPARC inputs) naming them.
+    ``out/particles.star`` (and ``particles.cs`` with its result group when the particles came
+    from CryoSPARC metadata) naming them.
 
     ``ds`` may be a list of Datasets with a list of folders (and of zarr paths): they are computed
     together, so reads and FFTs they share happen once. ``out`` None writes only the zarr cache.
@@ -154,7 +155,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         finish_zarr(job)
     by_key = dict(zip(keys, results))
     reports = []
-    for k, (d, p, z) in enumerate(zip(dss, plans, zarrs)):
+    for d, p, z in zip(dss, plans, zarrs):
         notes = [] if z is None else [next(j.note() for j in zarr_jobs if j.path == z)]
         if p is None:
             reports.append(StoreResult(None, d.sizes["particle"], 0, 0, run.summary, notes))
@@ -164,7 +165,7 @@ def to_stacks(ds: xr.Dataset | list[xr.Dataset], out: str | os.PathLike | list |
         if p.dtype == "<f2":
             written = int(np.diff(p.files)[~p.kept].sum())  # the error is over the files written now
             notes.insert(0, float16_report(done, written * d.sizes["y"] * d.sizes["x"], int(p.kept.sum())))
-        write_metadata(p.out, d, *_positions(p, project), cs=d.attrs.get("format") == "cryosparc")
+        write_metadata(p.out, d, *_positions(p, project))
         result = StoreResult(p.out, d.sizes["particle"], len(p.names), int(p.kept.sum()), run.summary, notes,
                              copied=p.copy is not None)
         reports.append(result)
