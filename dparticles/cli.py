@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -40,10 +41,23 @@ INPUT_HELP = "RELION .star, CryoSPARC .cs, a bare .mrcs/.mrc stack, an earlier o
 
 
 def _default(key: str) -> str:
-    """A setting's value as help text, e.g. ``default: 5000 (dparticles.batch-size)``."""
-    from dparticles import config
-    value = config.get(key)
-    return f"default: {str(value).lower() if isinstance(value, bool) else value} (dparticles.{key})"
+    """A setting's place in help text, shown as its value when the help is printed (see _HelpFormatter)."""
+    return "{setting:" + key + "}"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each setting's default as the dask config in effect gives it, e.g. ``default:
+    5000 (dparticles.batch-size)``, read only when help is printed: building the parser for a run or
+    ``--version`` imports no dask."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        from dparticles import config
+
+        def value(m: re.Match) -> str:
+            v = config.get(m.group(1))
+            return f"default: {str(v).lower() if isinstance(v, bool) else v} (dparticles.{m.group(1)})"
+
+        return re.sub(r"\{setting:([\w.-]+)\}", value, super()._expand_help(action))
 
 
 def _open_options(p: argparse.ArgumentParser) -> None:
@@ -59,7 +73,7 @@ def _open_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("where it runs (default: a local cluster on this machine)")
+    g = p.add_argument_group("where it runs (default: an in-process cluster on this machine)")
     g.add_argument("--scheduler", help="address of a running dask scheduler, e.g. tcp://10.0.0.5:8786")
     g.add_argument("--scheduler-file", help="scheduler file written by dask-scheduler or dask-jobqueue")
     g.add_argument("--n-workers", type=int, help="workers of the local cluster; default: as many as fit, "
@@ -108,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kw) -> argparse.ArgumentParser:
-        return sub.add_parser(name, epilog=EXAMPLES.get(name), formatter_class=argparse.RawDescriptionHelpFormatter,
+        return sub.add_parser(name, epilog=EXAMPLES.get(name), formatter_class=_HelpFormatter,
                               **kw)
 
     p = add("import", help="link stacks and write particles.star/.cs (Import Particle Stack)")

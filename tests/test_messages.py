@@ -6,6 +6,8 @@ through the command line (``main([...])``) and the API, with the exact lines."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import dask
@@ -201,3 +203,13 @@ def test_a_zarr_only_restack_reports_the_bytes_it_wrote(tmp_path, capsys):
     assert code == 0, err
     summary = next(line for line in err.splitlines() if line.startswith("restack: "))
     assert f", {dask.utils.format_bytes(images.nbytes)} written (" in summary, summary
+
+
+def test_version_and_a_run_s_parser_import_no_dask(tmp_path):
+    """--version (and building the parser every run makes) stay light: settings shown in --help are
+    read from the dask config only when the help is printed."""
+    code = ("import sys\nfrom dparticles.cli import main, parser\nparser()\n"
+            "assert 'dask' not in sys.modules, sorted(m for m in sys.modules if m.startswith('dask'))\n"
+            "main(['--version'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "dparticles 0.1.0" and "AssertionError" not in done.stderr, done.stderr
