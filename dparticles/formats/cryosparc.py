@@ -297,7 +297,7 @@ def _check_cs(data: np.ndarray, path: Path) -> None:
     checked = []
     for name in data.dtype.names:
         if name in fields:
-            _check_cs_type(data[name], name, *fields[name], path)
+            _check_cs_type(data[name], name, fields[name], path)
             checked.append(name)
         elif len(data.dtype.fields[name][0].shape) > 1:  # kept as cs:<field>[i] columns, which a matrix is not
             raise ParticleError(f"field {name} has shape {data.dtype.fields[name][0].shape} per particle; "
@@ -307,14 +307,14 @@ def _check_cs(data: np.ndarray, path: Path) -> None:
         block = data[a:a + rows]
         try:
             for name in checked:
-                _check_cs_values(block[name], name, *fields[name], path)
+                _check_cs_values(block[name], name, fields[name], path)
         except ParticleError as exc:
             raise ParticleError(exc.message, path=path, particle=a + exc.particle) from None
 
 
-def _check_cs_type(values: np.ndarray, name: str, shape: tuple[int, ...], type_: str, bound: str, meaning: str,
-                   path: Path) -> None:
-    """A field's shape per particle and its dtype against its entry in :data:`_CS_FIELDS`."""
+def _check_cs_type(values: np.ndarray, name: str, spec: tuple, path: Path) -> None:
+    """A field's shape per particle and its dtype against its entry (``spec``) in :data:`_CS_FIELDS`."""
+    shape, type_, _, meaning = spec
     kinds, one, many = _CS_TYPES[type_]
     if values.shape[1:] != shape:
         raise ParticleError(f"field {name} has shape {values.shape[1:]} per particle; expected "
@@ -325,9 +325,10 @@ def _check_cs_type(values: np.ndarray, name: str, shape: tuple[int, ...], type_:
         raise ParticleError(f"field {name} holds {values.dtype}; expected {many} ({meaning})", path=path)
 
 
-def _check_cs_values(values: np.ndarray, name: str, shape: tuple[int, ...], type_: str, bound: str, meaning: str,
-                     path: Path) -> None:
-    """A field's values against its entry in :data:`_CS_FIELDS`: an error names the first particle that is wrong."""
+def _check_cs_values(values: np.ndarray, name: str, spec: tuple, path: Path) -> None:
+    """A field's values against its entry (``spec``) in :data:`_CS_FIELDS`: an error names the first
+    particle that is wrong."""
+    shape, type_, bound, meaning = spec
     _, one, many = _CS_TYPES[type_]
     expected = f"{one if shape == () else f'{shape[0]} {many}'}{' ' + bound if bound else ''} ({meaning})"
     if type_ == "finite":
