@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import starfile
 import xarray as xr
-from helpers import REAL, read_direct, simple_set
+from helpers import REAL, read_direct, simple_set, star_images
 
 import dparticles
 from dparticles import formats
@@ -21,7 +21,8 @@ from dparticles.cli import main
 HAND = REAL / "cryodrgn" / "hand.mrcs"  # EMAN stack, 100 x 64 x 64, header pixel size 1 Å
 RIBO = REAL / "relion31_sim_ribo70S_b128"
 NO_PIXEL_SIZE = RIBO / "Extract" / "job007" / "Movies" / "20240311_FoilHole_0001_fractions.mrcs"  # cell 0
-ANISOTROPIC = REAL / "cryojax" / "000000.mrcs"  # voxel 1 Å along x, 12 Å along y
+ANISOTROPIC = REAL / "cryojax" / "000000.mrcs"
+SELECT = RIBO / "Select" / "job010" / "particles.star"  # 284 of 400 particles, stacks relative to RIBO  # voxel 1 Å along x, 12 Å along y
 
 
 @pytest.mark.parametrize("path, name", [
@@ -99,10 +100,15 @@ class RoundTrip:
         """Write ``ds`` in this engine's format; the path to read it back from."""
         raise NotImplementedError
 
+    def reference(self) -> np.ndarray:
+        """The source's images read without dparticles (starfile and mrcfile)."""
+        return star_images(SELECT, RIBO)
+
     def test_read_write_read(self, tmp_path):
         source = self.source(tmp_path)
         assert formats.engine_for(formats.resolve(source)).NAME == self.engine
         ds = dparticles.open_particles(source)
+        assert ds["images"].values.tobytes() == self.reference().tobytes()  # read as an independent reader reads it
         back = self.write(ds, tmp_path)
         assert formats.engine_for(formats.resolve(back)).NAME == self.engine
         again = dparticles.open_particles(back)
@@ -122,7 +128,7 @@ class TestRelion(RoundTrip):
     engine = "relion"
 
     def source(self, tmp_path):
-        return RIBO / "Select" / "job010" / "particles.star"
+        return SELECT
 
     def write(self, ds, tmp_path):
         dparticles.to_stacks(ds, tmp_path / "out", batch_size=100, log=lambda m: None)
@@ -135,6 +141,9 @@ class TestCryosparc(RoundTrip):
     def source(self, tmp_path):
         return REAL / "cryodrgn" / "empiar_10076_7" / "empiar_10076_7.cs"
 
+    def reference(self):
+        return read_direct(REAL / "cryodrgn" / "empiar_10076_7" / "empiar_10076_7.mrc")  # blob/idx 0..6 in order
+
     def write(self, ds, tmp_path):
         dparticles.to_stacks(ds, tmp_path / "out", batch_size=3, log=lambda m: None)
         return tmp_path / "out" / "particles.cs"
@@ -144,7 +153,7 @@ class TestZarr(RoundTrip):
     engine = "zarr"
 
     def source(self, tmp_path):
-        dparticles.restack(RIBO / "Select" / "job010" / "particles.star", None, zarr=tmp_path / "in.zarr",
+        dparticles.restack(SELECT, None, zarr=tmp_path / "in.zarr",
                            log=lambda m: None)
         return tmp_path / "in.zarr"
 
@@ -158,6 +167,9 @@ class TestMrc(RoundTrip):
 
     def source(self, tmp_path):
         return HAND
+
+    def reference(self):
+        return read_direct(HAND)
 
     def write(self, ds, tmp_path):
         dparticles.to_stacks(ds, tmp_path / "out", batch_size=1000, log=lambda m: None)
