@@ -86,8 +86,8 @@ def _keep_cryosparc_rows(table: Table, path: Path) -> None:
     if path.name != relion.METADATA_FILE or not (path.parent / RUN_MARKER).is_file() or not companion.is_file():
         return
     try:
-        rows = len(np.load(companion, mmap_mode="r", allow_pickle=False))
-    except (OSError, ValueError):
+        rows = len(cryosparc.read_cs(companion, mapped=True))
+    except ParticleError:
         return
     if rows == len(table.particles):
         table.particles = assign(table.particles, {"cs_row": np.arange(rows, dtype=np.int64)})

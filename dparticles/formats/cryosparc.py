@@ -44,7 +44,7 @@ def write_particles(path: Path, particles: pd.DataFrame, paths: np.ndarray | Non
     data = to_cs(particles, paths, indices, attrs.get("pose", "none"))
     source = attrs.get(CS_SOURCE)
     if source and "cs_row" in particles:
-        original = read_cs(source)[particles["cs_row"].to_numpy()]
+        original = read_cs(source, mapped=True)[particles["cs_row"].to_numpy()]  # the rows in use, one copy
         if "uid" not in particles and "uid" in original.dtype.names:  # a STAR file beside it holds none
             data["uid"] = original["uid"]
         data = kept_as_they_were(original, data)
@@ -105,13 +105,14 @@ def write_result_group(path: Path, metafile: str, data: np.ndarray, description:
         yaml.safe_dump(group, f, sort_keys=True)
 
 
-def read_cs(path: str | os.PathLike) -> np.ndarray:
-    """Load a ``.cs`` file as a structured array (never pickled objects)."""
+def read_cs(path: str | os.PathLike, *, mapped: bool = False) -> np.ndarray:
+    """Load a ``.cs`` file as a structured array (never pickled objects); ``mapped``: memory-mapped,
+    read only as its rows are used."""
     path = Path(path)
     if not path.is_file():
         raise ParticleError("no such CryoSPARC dataset", path=path)
     try:
-        data = np.load(path, allow_pickle=False)
+        data = np.load(path, allow_pickle=False, mmap_mode="r" if mapped else None)
     except Exception as exc:
         raise ParticleError(f"could not read as a CryoSPARC .cs dataset ({exc})", path=path) from exc
     if not isinstance(data, np.ndarray) or data.dtype.names is None:
