@@ -24,7 +24,7 @@ import distributed
 import distributed.client
 import distributed.comm
 import psutil
-from dask.utils import format_bytes, parse_bytes, parse_timedelta
+from dask.utils import format_bytes, parse_bytes
 from distributed.comm.addressing import parse_host_port, unparse_host_port
 from distributed.security import Security
 from tornado.iostream import StreamClosedError
@@ -94,19 +94,6 @@ def _quiet_logger(name: str) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _connect_timeout(override: float | str | None) -> float:
-    """Seconds to wait for a scheduler (keyword > ``dparticles.cluster.connect-timeout``)."""
-    value = config.get("cluster.connect-timeout", override)
-    try:
-        seconds = parse_timedelta(value, default="s")
-    except (ValueError, TypeError, KeyError):
-        seconds = None
-    if not isinstance(seconds, int | float) or seconds <= 0:
-        raise ParticleError(f"connect timeout must be a positive duration such as 20s, got {value!r} "
-                            "(dparticles.cluster.connect-timeout in the dask config)")
-    return float(seconds)
 
 
 def _client_security(address: str, security: Any) -> Security:
@@ -334,7 +321,7 @@ def cluster_client(scheduler: str | None = None, scheduler_file: str | None = No
             yield client
         return
     if scheduler or scheduler_file:
-        timeout = _connect_timeout(connect_timeout)
+        timeout = config.seconds("cluster.connect-timeout", connect_timeout, "connect timeout")
         address = scheduler or _scheduler_file_address(str(scheduler_file))
         sec = _client_security(address, security)
         _probe_scheduler(address, sec, timeout)

@@ -13,6 +13,9 @@ from typing import Any
 
 import dask.config
 import yaml
+from dask.utils import parse_timedelta
+
+from dparticles.errors import ParticleError
 
 DEFAULTS_FILE = Path(__file__).with_name("dparticles.yaml")
 
@@ -54,3 +57,17 @@ def _keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
     for k, v in tree.items():
         out.extend(_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])
     return out
+
+
+def seconds(key: str, override: Any = None, name: str | None = None) -> float:
+    """Setting ``key`` as a positive number of seconds (``30s``, ``10 minutes``, a number; ``override``
+    as in :func:`get`), or a ParticleError naming it (as ``name``, default the key's last part)."""
+    value = get(key, override)
+    try:
+        result = parse_timedelta(value, default="s")
+    except (ValueError, TypeError, KeyError):
+        result = None
+    if not isinstance(result, int | float) or isinstance(result, bool) or result <= 0:
+        raise ParticleError(f"{name or key.rsplit('.', 1)[-1]} must be a positive duration such as 30s, got "
+                            f"{value!r} (dparticles.{key} in the dask config)")
+    return float(result)

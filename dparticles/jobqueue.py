@@ -14,7 +14,7 @@ from typing import Any
 
 import dask
 import distributed
-from dask.utils import parse_bytes, parse_timedelta
+from dask.utils import parse_bytes
 
 from dparticles import config
 from dparticles.dashboard import dashboard_address, port_fallback_quiet
@@ -41,23 +41,10 @@ _SLURM_HINTS = {
 }
 
 
-def _duration(key: str) -> float:
-    """A positive number of seconds from ``dparticles.<key>`` (``30s``, ``10 minutes``, a number), or a ParticleError."""
-    value = config.get(key)
-    try:
-        seconds = parse_timedelta(value, default="s")
-    except (ValueError, TypeError, KeyError):
-        seconds = None
-    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
-        raise ParticleError(f"{key.rsplit('.', 1)[-1]} must be a positive duration such as 30s, got {value!r} "
-                            f"(dparticles.{key} in the dask config)")
-    return float(seconds)
-
-
 def wait_times() -> tuple[float, float]:
     """Seconds between reports on the pending jobs, and before no worker is an error
     (``dparticles.cluster.pending-report``, ``dparticles.cluster.start-timeout``)."""
-    return _duration("cluster.pending-report"), _duration("cluster.start-timeout")
+    return config.seconds("cluster.pending-report"), config.seconds("cluster.start-timeout")
 
 
 def _queue_states(kind: str, job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
