@@ -483,3 +483,14 @@ def import_micros(py: str, cwd: Path, modules: str) -> dict[str, int]:
             root = m.group(2).split(".")[0]
             total[root] = total.get(root, 0) + int(m.group(1))
     return total
+
+
+def largest_difference(images: np.ndarray, reference: np.ndarray, what: str, tolerance: float = 1e-4) -> float:
+    """The largest difference of ``images`` from ``reference``, in standard deviations of the
+    reference (float32 rounding of different FFT paths); stops the benchmark above ``tolerance``."""
+    if images.shape != reference.shape:
+        raise SystemExit(f"{what}: images of shape {images.shape}, the reference's {reference.shape}")
+    err = float(np.abs(images - reference).max() / reference.std())
+    if err > tolerance:
+        raise SystemExit(f"{what}: output differs from the reference: largest difference {err:.2e} x std")
+    return err

@@ -139,9 +139,7 @@ def _check(mine: Path, loop: Path) -> None:
     with mrcfile.mmap(mine, permissive=True) as own, mrcfile.mmap(loop, permissive=True) as ref:
         b = np.array(ref.data)
         a = np.array(own.data[:len(b)])
-    err = float(np.abs(a - b).max() / b.std())
-    if err > 1e-4:
-        raise SystemExit(f"dparticles output differs from the plain loop's: largest difference {err:.2e} x std")
+    common.largest_difference(a, b, "dparticles against the plain loop")
 
 
 def _by_config(results: list[Result], refs: list[str]) -> str:

@@ -61,7 +61,6 @@ REAL = Path("/work/shared/data/real/relion31_sim_ribo70S_b128")
 SMALL_STAR = "Select/job010/particles.star"
 SMALL_BOX = 64
 BOX_2GB = 64
-TOLERANCE = 1e-4  # largest difference between outputs, in standard deviations
 
 # The plain script of the small job: what a user would write with starfile, mrcfile and numpy.
 PLAIN = '''"""Restack or Fourier-crop the particles of a RELION 3.1 STAR file into one stack."""
@@ -195,15 +194,6 @@ def read_stack(path: Path) -> np.ndarray:
         return np.array(m.data, dtype=np.float32)
 
 
-def largest_difference(a: np.ndarray, b: np.ndarray, what: str) -> float:
-    if a.shape != b.shape:
-        raise SystemExit(f"{what}: shapes {a.shape} and {b.shape} differ")
-    err = float(np.abs(a - b).max() / b.std())
-    if err > TOLERANCE:
-        raise SystemExit(f"{what}: largest difference {err:.2e} x std")
-    return err
-
-
 # ---------------------------------------------------------------------------------------------
 # part 1: the small real project
 
@@ -268,7 +258,7 @@ def small_part(a: argparse.Namespace, py: str, dp: str) -> str:
             if m.name.startswith("plain"):
                 check.ref[job] = images
             else:
-                errors[f"{job}: {m.name}"] = largest_difference(images, check.ref[job], f"{job} {m.name}")
+                errors[f"{job}: {m.name}"] = common.largest_difference(images, check.ref[job], f"{job} {m.name}")
             if len(images) != n:
                 raise SystemExit(f"{m.name}: {len(images)} images, expected {n}")
         return f

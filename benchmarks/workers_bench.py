@@ -54,7 +54,6 @@ from common import BOX, IMAGE_BYTES  # noqa: E402
 
 LOOP, IN_WORKER, ONE, TWO = "plain loop", "plain loop in a worker", "dparticles, 1 x 1", "dparticles, 2 x 1"
 PER_CORE_TARGET, SCALING_TARGET = 0.9, 1.8
-TOLERANCE = 1e-4  # largest difference from the loop's output, in standard deviations of it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,17 +171,6 @@ def read_outputs(folder: Path) -> np.ndarray:
     return np.concatenate([read_chunk([info], [(0, 0, info.n)]) for info in infos])
 
 
-def check(images: np.ndarray, reference: np.ndarray, method: str) -> float:
-    """The largest difference from the loop's images in standard deviations of them; fails above
-    ``TOLERANCE``."""
-    if images.shape != reference.shape:
-        raise SystemExit(f"{method}: wrote images of shape {images.shape}, the loop {reference.shape}")
-    err = float(np.abs(images - reference).max() / reference.std())
-    if err > TOLERANCE:
-        raise SystemExit(f"{method}: output differs from the plain loop's: largest difference {err:.2e} x std")
-    return err
-
-
 # ---------------------------------------------------------------------------------------------
 # tables
 
@@ -282,7 +270,7 @@ def main() -> None:
             images = read_outputs(out)
             if method == LOOP and reference is None:
                 reference = images
-            errors[method] = max(errors.get(method, 0.0), check(images, reference, method))
+            errors[method] = max(errors.get(method, 0.0), common.largest_difference(images, reference, method))
             run = Run(method, rep["wall"] if "wall" in rep else rep["seconds"], rep, peak)
             if method not in best or run.seconds < best[method].seconds:
                 best[method] = run
